@@ -1,0 +1,214 @@
+"""Decoder-only transformer for the GGUF architectures we serve (llama, qwen2, qwen3).
+
+gpt-fast style: one module per block, a KV cache written by absolute position and owned by the caller
+(one per sequence), so several sequences share one set of weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    norm_eps: float
+    context_length: int
+    rope_base: float
+    rope_dim: int
+    rope_neox: bool  # rotate halves (qwen) instead of interleaved pairs (llama, whose Q/K are permuted)
+    rope_scaling: str = "none"  # none | linear | yarn
+    rope_factor: float = 1.0
+    rope_orig_context: int = 0
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    attn_bias: bool = False
+    qk_norm: bool = False
+
+    @staticmethod
+    def from_gguf(md: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
+        arch = str(md.get("general.architecture", ""))
+        if arch not in SUPPORTED_ARCHS:
+            raise ValueError(f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+
+        def get(key: str, default: Any = None) -> Any:
+            v = md.get(f"{arch}.{key}", default)
+            if v is None:
+                raise ValueError(f"GGUF metadata lacks {arch}.{key}")
+            return v
+
+        dim = int(get("embedding_length"))
+        n_heads = int(get("attention.head_count"))
+        n_kv = get("attention.head_count_kv", n_heads)
+        head_dim = int(get("attention.key_length", dim // n_heads))
+        vocab = int(md.get(f"{arch}.vocab_size", tensor_shapes["token_embd.weight"][0]))
+        scaling = str(md.get(f"{arch}.rope.scaling.type", "none"))
+        if scaling not in ("none", "linear", "yarn"):
+            raise ValueError(f"unsupported rope scaling type {scaling!r}")
+        return ModelConfig(
+            arch=arch,
+            vocab_size=vocab,
+            dim=dim,
+            n_layers=int(get("block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(n_kv if not isinstance(n_kv, list) else n_kv[0]),
+            head_dim=head_dim,
+            ffn_dim=int(get("feed_forward_length")),
+            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+            context_length=int(get("context_length", 4096)),
+            rope_base=float(get("rope.freq_base", 10000.0)),
+            rope_dim=int(get("rope.dimension_count", head_dim)),
+            rope_neox=arch != "llama",
+            rope_scaling=scaling,
+            rope_factor=float(md.get(f"{arch}.rope.scaling.factor", 1.0)),
+            rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
+            yarn_beta_fast=float(md.get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+            yarn_beta_slow=float(md.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
+            attn_bias="blk.0.attn_q.bias" in tensor_shapes,
+            qk_norm="blk.0.attn_q_norm.weight" in tensor_shapes,
+        )
+
+
+def rope_tables(cfg: ModelConfig, max_len: int, freq_factors: Tensor | None) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape [max_len, rope_dim // 2], float32, with the file's scaling rules applied."""
+    d = cfg.rope_dim
+    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    attn_scale = 1.0
+    if freq_factors is not None:
+        inv_freq = inv_freq / freq_factors.to(torch.float64)
+    if cfg.rope_scaling == "linear":
+        inv_freq = inv_freq / cfg.rope_factor
+    elif cfg.rope_scaling == "yarn":
+        # YaRN: interpolate low frequencies, keep high ones, blend in between (Peng et al. 2023).
+        orig = cfg.rope_orig_context or cfg.context_length
+        factor = cfg.rope_factor
+
+        def dim_for(rotations: float) -> float:
+            return d * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_base))
+
+        low = max(math.floor(dim_for(cfg.yarn_beta_fast)), 0)
+        high = min(math.ceil(dim_for(cfg.yarn_beta_slow)), d - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+        attn_scale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    t = torch.arange(max_len, dtype=torch.float64)
+    freqs = torch.outer(t, inv_freq)
+    return (freqs.cos() * attn_scale).float(), (freqs.sin() * attn_scale).float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, neox: bool) -> Tensor:
+    """x: [k, heads, head_dim]; cos/sin: [k, rope_dim // 2]. Rotates the first rope_dim dims."""
+    rd = cos.shape[-1] * 2
+    rot, rest = x[..., :rd].float(), x[..., rd:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    if neox:
+        a, b = rot[..., : rd // 2], rot[..., rd // 2 :]
+        out = torch.cat((a * c - b * s, b * c + a * s), dim=-1)
+    else:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2)
+    out = out.to(x.dtype)
+    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+class Block(nn.Module):
+    """One transformer block. Weights are attached by the loader (see runtime.py)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.attn_norm: Tensor
+        self.ffn_norm: Tensor
+        self.wqkv: Tensor  # [q_dim + 2 * kv_dim, dim]
+        self.bqkv: Tensor | None = None
+        self.wo: Tensor
+        self.w13: Tensor  # gate and up, stacked: [2 * ffn, dim]
+        self.w2: Tensor
+        self.q_norm: Tensor | None = None
+        self.k_norm: Tensor | None = None
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, mask: Tensor | None
+    ) -> Tensor:
+        cfg = self.cfg
+        k_new = x.shape[0]
+        hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        h = rms_norm(x, self.attn_norm, cfg.norm_eps)
+        qkv = F.linear(h, self.wqkv, self.bqkv)
+        q, k, v = qkv.split((nh * hd, nkv * hd, nkv * hd), dim=-1)
+        q, k, v = q.view(k_new, nh, hd), k.view(k_new, nkv, hd), v.view(k_new, nkv, hd)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, cfg.norm_eps)
+            k = rms_norm(k, self.k_norm, cfg.norm_eps)
+        q = apply_rope(q, cos, sin, cfg.rope_neox)
+        k = apply_rope(k, cos, sin, cfg.rope_neox)
+        end = pos + k_new
+        k_cache[:, pos:end] = k.transpose(0, 1)
+        v_cache[:, pos:end] = v.transpose(0, 1)
+        attn = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            k_cache[None, :, :end],
+            v_cache[None, :, :end],
+            attn_mask=mask,
+            enable_gqa=nh != nkv,
+        )
+        x = x + F.linear(attn[0].transpose(0, 1).reshape(k_new, nh * hd), self.wo)
+        h = rms_norm(x, self.ffn_norm, cfg.norm_eps)
+        gate, up = F.linear(h, self.w13).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, self.w2)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.tok_embd: Tensor
+        self.output_norm: Tensor
+        self.output: Tensor
+        self.cos: Tensor
+        self.sin: Tensor
+        self.layer_devices: list[torch.device] = []
+
+    def forward(self, tokens: Tensor, pos: int, caches: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Append tokens at positions pos.. and return float32 logits for each of them."""
+        k_new = tokens.shape[0]
+        x = F.embedding(tokens, self.tok_embd)
+        mask = None
+        if k_new > 1:
+            # Causal among the new tokens; everything cached before pos is visible.
+            idx = torch.arange(pos + k_new, device=x.device)
+            mask = idx[None, :] <= (pos + torch.arange(k_new, device=x.device))[:, None]
+        cos, sin = self.cos[pos : pos + k_new], self.sin[pos : pos + k_new]
+        for layer, dev, (kc, vc) in zip(self.layers, self.layer_devices, caches, strict=True):
+            if x.device != dev:
+                x, cos, sin = x.to(dev), cos.to(dev), sin.to(dev)
+                mask = mask.to(dev) if mask is not None else None
+            x = layer(x, cos, sin, kc, vc, pos, mask)
+        if x.device != self.output.device:
+            x = x.to(self.output.device)
+        x = rms_norm(x, self.output_norm, self.cfg.norm_eps)
+        return F.linear(x, self.output).float()
