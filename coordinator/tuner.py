@@ -1,0 +1,246 @@
+"""Chooses the draft length every round from what the rounds measured.
+
+Measurements feed the cost model (tandem.cost_model): draft compute as overhead + per_token*k and
+target verify compute as a + b*k, both fitted by exponentially forgotten least squares; link times
+as EWMAs of reply wall time minus node-reported compute; acceptance as Beta counts, a global prior
+shared by all requests plus each request's own counts. choose_k maximises predicted tokens/s.
+
+Two kinds of exploration keep the estimates alive. While speculating, every dither_every-th round
+drafts one token more or fewer, so the linear fits keep seeing more than one k. While the target
+runs alone (k = 0) nothing is learnt about acceptance, so a request earns "probe credit" at
+probe_budget of each round's time and spends it on a round at the best k > 0 once the credit covers
+that round's predicted loss: the probes cost at most about probe_budget of throughput, and a
+request whose text turns easy gets back to speculating.
+
+Not thread-safe: call from the coordinator's event loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tandem.cost_model import Costs, Mode, best_k, expected_tokens, round_time, tokens_per_second
+
+__all__ = ["LinearFit", "RequestState", "Tuner"]
+
+
+class LinearFit:
+    """Weighted least squares y = a + b*x with forgetting, plus a weak ridge prior on a and/or b.
+
+    The prior only matters while the data cannot separate a from b (every sample at one x).
+    """
+
+    def __init__(self, decay: float, prior_a: float | None = None, prior_b: float | None = None) -> None:
+        self.decay = decay
+        self.prior_a, self.prior_b = prior_a, prior_b
+        self.s0 = self.sx = self.sxx = self.sy = self.sxy = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        d = self.decay
+        self.s0 = d * self.s0 + 1.0
+        self.sx = d * self.sx + x
+        self.sxx = d * self.sxx + x * x
+        self.sy = d * self.sy + y
+        self.sxy = d * self.sxy + x * y
+
+    def coefficients(self) -> tuple[float, float] | None:
+        if self.s0 == 0:
+            return None
+        w = 1e-3 * self.s0  # prior weight: a thousandth of the data's
+        m00, m01, m11 = self.s0, self.sx, self.sxx
+        r0, r1 = self.sy, self.sxy
+        if self.prior_a is not None:
+            m00, r0 = m00 + w, r0 + w * self.prior_a
+        if self.prior_b is not None:
+            m11, r1 = m11 + w, r1 + w * self.prior_b
+        det = m00 * m11 - m01 * m01
+        if det <= 1e-12 * max(m00 * m11, 1e-300):
+            return self.sy / self.s0, 0.0
+        return (r0 * m11 - m01 * r1) / det, (m00 * r1 - m01 * r0) / det
+
+
+@dataclass
+class RequestState:
+    """One request's acceptance counts and exploration state."""
+
+    accepted: float = 0.0
+    rejected: float = 0.0
+    probe_credit: float = 0.0
+    rounds: int = 0
+
+
+class Tuner:
+    def __init__(
+        self,
+        max_k: int = 16,
+        initial_k: int = 4,
+        prior_alpha: float = 0.5,
+        prior_strength: float = 8.0,
+        request_prior_strength: float = 32.0,
+        fit_decay: float = 0.99,
+        rtt_smoothing: float = 0.1,
+        global_decay: float = 0.999,
+        request_decay: float = 0.98,
+        dither_every: int = 16,
+        probe_budget: float = 0.02,
+    ) -> None:
+        if max_k < 0 or initial_k < 0:
+            raise ValueError("max_k and initial_k must be >= 0")
+        if not 0.0 < prior_alpha < 1.0 or prior_strength <= 0 or request_prior_strength <= 0:
+            raise ValueError("prior_alpha must be in (0, 1) and the prior strengths > 0")
+        self.max_k, self.initial_k = max_k, min(initial_k, max_k)
+        # Pseudo-counts, in proposed tokens: the global estimate starts at prior_alpha; a request
+        # starts at the global estimate and owns its estimate after a few rounds of its own.
+        self.prior_alpha, self.prior_strength = prior_alpha, prior_strength
+        self.request_prior_strength = request_prior_strength
+        self.rtt_smoothing = rtt_smoothing
+        self.global_decay, self.request_decay = global_decay, request_decay
+        self.dither_every, self.probe_budget = dither_every, probe_budget
+        # Drafting time is mostly per token: pull the overhead toward 0 until k varies.
+        self.draft_fit = LinearFit(fit_decay, prior_a=0.0)
+        # Verify time: assume flat in k until k varies (optimistic, so speculation gets tried).
+        self.verify_fit = LinearFit(fit_decay, prior_b=0.0)
+        self.rtt_draft: float | None = None
+        self.rtt_target: float | None = None
+        self.global_accepted = 0.0
+        self.global_rejected = 0.0
+        self.rounds = 0
+
+    # -- measurements ---------------------------------------------------------------------------
+
+    def new_request(self) -> RequestState:
+        return RequestState()
+
+    def _rtt(self, old: float | None, wall_s: float, compute_s: float) -> float:
+        sample = max(wall_s - compute_s, 0.0)
+        return sample if old is None else old + self.rtt_smoothing * (sample - old)
+
+    def record_draft(self, k: int, compute_s: float, wall_s: float | None = None) -> None:
+        """A draft call that produced k tokens in compute_s (node-reported) and wall_s (as seen here)."""
+        if k <= 0:
+            return
+        self.draft_fit.add(k, compute_s)
+        if wall_s is not None:
+            self.rtt_draft = self._rtt(self.rtt_draft, wall_s, compute_s)
+
+    def record_verify(self, k: int, compute_s: float, wall_s: float | None = None) -> None:
+        """A target call that verified k draft tokens (k + 1 positions)."""
+        self.verify_fit.add(k, compute_s)
+        if wall_s is not None:
+            self.rtt_target = self._rtt(self.rtt_target, wall_s, compute_s)
+
+    def record_acceptance(self, request: RequestState, k: int, n_accepted: int) -> None:
+        """n_accepted of k proposed; a round that stops short also saw one rejection.
+
+        Under a per-token acceptance rate alpha a round has likelihood alpha^n (1 - alpha)^[n < k],
+        so the counts (accepted, rejected) are sufficient and Beta priors stay conjugate.
+        """
+        if not 0 <= n_accepted <= k:
+            raise ValueError(f"n_accepted {n_accepted} outside [0, k={k}]")
+        self.rounds += 1
+        request.rounds += 1
+        if k == 0:
+            return
+        rejected = 1.0 if n_accepted < k else 0.0
+        g, r = self.global_decay, self.request_decay
+        self.global_accepted = g * self.global_accepted + n_accepted
+        self.global_rejected = g * self.global_rejected + rejected
+        request.accepted = r * request.accepted + n_accepted
+        request.rejected = r * request.rejected + rejected
+
+    def record_round(
+        self,
+        request: RequestState,
+        k: int,
+        n_accepted: int,
+        *,
+        target_compute_s: float,
+        target_wall_s: float | None = None,
+        draft_compute_s: float | None = None,
+        draft_wall_s: float | None = None,
+    ) -> None:
+        if k > 0 and draft_compute_s is not None:
+            self.record_draft(k, draft_compute_s, draft_wall_s)
+        self.record_verify(k, target_compute_s, target_wall_s)
+        self.record_acceptance(request, k, n_accepted)
+
+    # -- estimates ------------------------------------------------------------------------------
+
+    def global_alpha(self) -> float:
+        s = self.prior_strength
+        a, r = self.global_accepted, self.global_rejected
+        return (a + s * self.prior_alpha) / (a + r + s)
+
+    def alpha(self, request: RequestState | None = None) -> float:
+        """Posterior mean acceptance rate: the request's counts over the global estimate as prior."""
+        g = self.global_alpha()
+        if request is None:
+            return g
+        s = self.request_prior_strength
+        return (request.accepted + s * g) / (request.accepted + request.rejected + s)
+
+    def costs(self) -> Costs | None:
+        draft, verify = self.draft_fit.coefficients(), self.verify_fit.coefficients()
+        if draft is None or verify is None:
+            return None
+        return Costs(
+            rtt_draft=self.rtt_draft or 0.0,
+            rtt_target=self.rtt_target or 0.0,
+            draft_per_token=max(draft[1], 0.0),
+            draft_overhead=max(draft[0], 0.0),
+            verify_intercept=max(verify[0], 1e-9),
+            verify_slope=max(verify[1], 0.0),
+        )
+
+    def predicted_tps(
+        self, request: RequestState | None = None, mode: Mode = "sequential", k: int | None = None
+    ) -> float | None:
+        """Model tokens/s at k (default: the best k); None before anything was measured."""
+        costs = self.costs()
+        if costs is None:
+            return None
+        alpha = self.alpha(request)
+        if k is None:
+            return best_k(alpha, costs, mode, self.max_k)[1]
+        return tokens_per_second(alpha, k, costs, mode)
+
+    # -- decision -------------------------------------------------------------------------------
+
+    def choose_k(self, request: RequestState, mode: Mode = "sequential", limit: int | None = None) -> int:
+        """Draft length for the request's next round; limit caps it (tokens left, draft context)."""
+        cap = self.max_k if limit is None else max(0, min(self.max_k, limit))
+        costs = self.costs()
+        if costs is None:
+            return min(self.initial_k, cap)
+        alpha = self.alpha(request)
+        k, _ = best_k(alpha, costs, mode, cap)
+        if k == 0:
+            if cap == 0:
+                return 0
+            # Earn credit while the target runs alone; spend it on a probe at the best k > 0 once it
+            # covers that round's predicted loss against making the same tokens at k = 0. Near
+            # break-even the loss is small and probes come often; hopeless drafts are rarely tried.
+            t0 = round_time(costs, 0, mode)
+            probe = max(range(1, cap + 1), key=lambda j: tokens_per_second(alpha, j, costs, mode))
+            request.probe_credit += self.probe_budget * t0
+            loss = round_time(costs, probe, mode, alpha) - expected_tokens(alpha, probe) * t0
+            if request.probe_credit >= loss:
+                request.probe_credit = 0.0
+                return probe
+            return 0
+        request.probe_credit = 0.0
+        if self.dither_every and request.rounds % self.dither_every == self.dither_every - 1:
+            step = 1 if (request.rounds // self.dither_every) % 2 == 0 else -1
+            k = min(max(k + step, 0), cap)
+        return k
+
+    def summary(self, request: RequestState | None = None, mode: Mode = "sequential") -> dict[str, float]:
+        """Current estimates, for logs and metrics."""
+        out: dict[str, float] = {"alpha": self.alpha(request)}
+        costs = self.costs()
+        if costs is not None:
+            out.update(vars(costs))
+            k, tps = best_k(out["alpha"], costs, mode, self.max_k)
+            out.update(best_k=k, predicted_tps=tps)
+        return {key: (math.nan if v is None else float(v)) for key, v in out.items()}

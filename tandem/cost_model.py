@@ -1,0 +1,124 @@
+"""The cost model the coordinator optimises: expected tokens per round over expected round time.
+
+alpha is the per-token acceptance rate; k the draft length (0 = the target alone). All times are
+seconds. verify(k) = a + b*k is the target's time to check k draft tokens (k + 1 positions: the last
+committed token plus the drafts), so verify(0) is a plain decode step.
+
+Sequential round:  T(k) = rtt_d + draft_overhead + k*draft_per_token + rtt_t + a + b*k,  T(0) = rtt_t + a.
+
+Pipelined round: the draft drafts the next block while the target verifies this one, betting on full
+acceptance and guessing the bonus token with its own next token. The bet wins when all k drafts and
+the guess are accepted, probability alpha^(k+1); the next block is then ready and the round costs
+max(D, V). Otherwise the next block is drafted after the verdict and the round costs D + V, where
+D = rtt_d + draft_overhead + k*draft_per_token and V = rtt_t + a + b*k. So
+T_pipe(k) = w*max(D, V) + (1 - w)*(D + V) with w = alpha^(k+1), and T_pipe(0) = T(0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "Costs",
+    "Mode",
+    "best_k",
+    "break_even_alpha",
+    "draft_side",
+    "expected_tokens",
+    "round_time",
+    "tokens_per_second",
+    "verify_side",
+]
+
+Mode = Literal["sequential", "pipelined"]
+MODES = ("sequential", "pipelined")
+
+
+@dataclass(frozen=True)
+class Costs:
+    rtt_draft: float  # link time of one coordinator <-> draft call (wall minus node compute)
+    rtt_target: float  # same for the target
+    draft_per_token: float  # draft compute per drafted token
+    draft_overhead: float  # draft compute per call (catching up on the committed delta, dispatch)
+    verify_intercept: float  # a: target compute to verify 0 drafts (one decode step)
+    verify_slope: float  # b: extra target compute per draft token verified
+
+
+def _check_alpha(alpha: float) -> float:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"acceptance rate must be in [0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+def _check_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"draft length k must be an integer >= 0, got {k!r}")
+    return k
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """E(k) = (1 - alpha^(k+1)) / (1 - alpha): accepted drafts plus the target's own token."""
+    alpha, k = _check_alpha(alpha), _check_k(k)
+    # The finite sum is exact at alpha = 1 and avoids cancellation just below it.
+    return math.fsum(alpha**i for i in range(k + 1))
+
+
+def draft_side(costs: Costs, k: int) -> float:
+    """D(k): the draft call's wall time (0 when nothing is drafted)."""
+    if _check_k(k) == 0:
+        return 0.0
+    return costs.rtt_draft + costs.draft_overhead + k * costs.draft_per_token
+
+
+def verify_side(costs: Costs, k: int) -> float:
+    """V(k): the target call's wall time."""
+    return costs.rtt_target + costs.verify_intercept + _check_k(k) * costs.verify_slope
+
+
+def round_time(costs: Costs, k: int, mode: Mode = "sequential", alpha: float | None = None) -> float:
+    """Expected wall time of one round; pipelined needs alpha (the bet on the next block)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    d, v = draft_side(costs, k), verify_side(costs, k)
+    if mode == "sequential" or k == 0:
+        return d + v
+    if alpha is None:
+        raise ValueError("pipelined round time needs the acceptance rate alpha")
+    w = _check_alpha(alpha) ** (k + 1)
+    return w * max(d, v) + (1.0 - w) * (d + v)
+
+
+def tokens_per_second(alpha: float, k: int, costs: Costs, mode: Mode = "sequential") -> float:
+    return expected_tokens(alpha, k) / round_time(costs, k, mode, alpha)
+
+
+def best_k(alpha: float, costs: Costs, mode: Mode = "sequential", max_k: int = 16) -> tuple[int, float]:
+    """(k, predicted tokens/s) maximising throughput over 0..max_k; ties go to the shorter draft."""
+    best = (0, tokens_per_second(alpha, 0, costs, mode))
+    for k in range(1, _check_k(max_k) + 1):
+        tps = tokens_per_second(alpha, k, costs, mode)
+        if tps > best[1]:
+            best = (k, tps)
+    return best
+
+
+def break_even_alpha(costs: Costs, k: int, mode: Mode = "sequential") -> float:
+    """Smallest alpha at which drafting k tokens beats the target alone; inf if not even alpha = 1 does.
+
+    Throughput at k grows with alpha, so bisection finds the crossing.
+    """
+    if _check_k(k) == 0:
+        return 0.0
+    base = tokens_per_second(0.0, 0, costs, mode)
+    gain = lambda a: tokens_per_second(a, k, costs, mode) - base
+    if gain(1.0) <= 0:
+        return math.inf
+    if gain(0.0) >= 0:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if gain(mid) >= 0 else (mid, hi)
+    return hi

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tandem.cost_model import (
+    Costs,
+    best_k,
+    break_even_alpha,
+    expected_tokens,
+    round_time,
+    tokens_per_second,
+)
+
+COSTS = Costs(
+    rtt_draft=0.002,
+    rtt_target=0.0,
+    draft_per_token=0.001,
+    draft_overhead=0.0005,
+    verify_intercept=0.020,
+    verify_slope=0.001,
+)
+
+
+def test_expected_tokens() -> None:
+    assert expected_tokens(0.5, 0) == 1.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert expected_tokens(1.0, 5) == 6.0
+    assert expected_tokens(0.0, 7) == 1.0
+    assert expected_tokens(0.999999, 3) == pytest.approx(4.0, rel=1e-5)
+    for bad in (-0.1, 1.1):
+        with pytest.raises(ValueError):
+            expected_tokens(bad, 2)
+    with pytest.raises(ValueError):
+        expected_tokens(0.5, -1)
+
+
+def test_round_time_sequential() -> None:
+    assert round_time(COSTS, 0) == pytest.approx(0.020)
+    assert round_time(COSTS, 3) == pytest.approx(0.002 + 0.0005 + 0.003 + 0.020 + 0.003)
+    with pytest.raises(ValueError):
+        round_time(COSTS, 2, "parallel")
+
+
+def test_round_time_pipelined_between_max_and_sum() -> None:
+    d, v = 0.002 + 0.0005 + 0.004, 0.020 + 0.004
+    assert round_time(COSTS, 4, "pipelined", alpha=1.0) == pytest.approx(max(d, v))
+    assert round_time(COSTS, 4, "pipelined", alpha=0.0) == pytest.approx(d + v)
+    w = 0.8**5
+    assert round_time(COSTS, 4, "pipelined", alpha=0.8) == pytest.approx(w * max(d, v) + (1 - w) * (d + v))
+    assert round_time(COSTS, 0, "pipelined", alpha=0.8) == round_time(COSTS, 0)
+    with pytest.raises(ValueError):
+        round_time(COSTS, 4, "pipelined")
+
+
+def test_best_k() -> None:
+    k, tps = best_k(0.8, COSTS)
+    assert k > 0 and tps == pytest.approx(max(tokens_per_second(0.8, j, COSTS) for j in range(17)))
+    assert best_k(0.8, COSTS, max_k=2)[0] <= 2
+    # A slow draft behind a slow link never pays at a low acceptance rate.
+    slow = Costs(0.02, 0.0, 0.006, 0.003, 0.020, 0.002)
+    assert best_k(0.3, slow) == (0, pytest.approx(1 / 0.020))
+    assert best_k(0.95, COSTS, "pipelined")[1] > best_k(0.95, COSTS, "sequential")[1]
+
+
+def test_break_even_matches_design_rule_for_one_token() -> None:
+    # k = 1 sequential: (1 + alpha) / T(1) = 1 / T(0)  <=>  alpha = c + beta + link (relative to T(0)).
+    t0 = COSTS.verify_intercept + COSTS.rtt_target
+    rule = (COSTS.draft_per_token + COSTS.draft_overhead + COSTS.verify_slope + COSTS.rtt_draft) / t0
+    assert break_even_alpha(COSTS, 1) == pytest.approx(rule, rel=1e-9)
+    a = break_even_alpha(COSTS, 4)
+    assert tokens_per_second(a, 4, COSTS) == pytest.approx(tokens_per_second(a, 0, COSTS), rel=1e-9)
+    assert break_even_alpha(COSTS, 4, "pipelined") < a
+    hopeless = Costs(1.0, 0.0, 0.1, 0.0, 0.020, 0.0)
+    assert break_even_alpha(hopeless, 2) == math.inf
+    assert break_even_alpha(COSTS, 0) == 0.0

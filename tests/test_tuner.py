@@ -1,0 +1,235 @@
+"""The tuner against a simulated link and models: near the best fixed k in hindsight, k = 0 when it pays."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from coordinator.tuner import LinearFit, Tuner
+from tandem.cost_model import best_k
+
+STEP = 0.020  # target decode step, seconds
+RTT_TARGET = 0.0001  # the coordinator sits next to the target
+MAX_K = 16
+
+
+@dataclass(frozen=True)
+class World:
+    alpha: float
+    draft_ratio: float  # draft per-token cost / target step
+    slope: float  # verify cost per draft token / target step
+    rtt: float  # coordinator <-> draft link, seconds
+
+    @property
+    def per_token(self) -> float:
+        return self.draft_ratio * STEP
+
+    @property
+    def overhead(self) -> float:
+        return 0.5 * self.draft_ratio * STEP
+
+
+@dataclass
+class Trace:
+    """Common random numbers: every policy sees the same acceptance runs and the same noise."""
+
+    run: np.ndarray  # drafts the target would accept in a row (truncated at k per round)
+    noise: np.ndarray  # [rounds, 4] multiplicative noise on draft compute, draft link, verify, target link
+
+
+def make_trace(world: World, rounds: int, seed: int) -> Trace:
+    rng = np.random.default_rng(seed)
+    run = rng.geometric(1.0 - world.alpha, size=rounds) - 1  # P(run >= j) = alpha^j
+    noise = rng.lognormal(0.0, 0.05, size=(rounds, 4))
+    return Trace(run, noise)
+
+
+def round_times(world: World, k: np.ndarray, trace: Trace, mode: str) -> tuple[np.ndarray, ...]:
+    """Node compute and wall times per round, and the round's duration."""
+    nz = trace.noise
+    spec = k > 0
+    d_compute = np.where(spec, (world.overhead + world.per_token * k) * nz[:, 0], 0.0)
+    d_wall = np.where(spec, d_compute + world.rtt * nz[:, 1], 0.0)
+    v_compute = (STEP + world.slope * STEP * k) * nz[:, 2]
+    v_wall = v_compute + RTT_TARGET * nz[:, 3]
+    if mode == "sequential":
+        duration = d_wall + v_wall
+    else:  # the pre-drafted next block is ready when all k drafts and the bonus guess hold
+        ready = trace.run >= k + 1
+        duration = np.where(spec & ready, np.maximum(d_wall, v_wall), d_wall + v_wall)
+    return d_compute, d_wall, v_compute, v_wall, duration
+
+
+def fixed_goodput(world: World, k: int, trace: Trace, mode: str, start: int) -> float:
+    ks = np.full(len(trace.run), k)
+    duration = round_times(world, ks, trace, mode)[-1]
+    tokens = np.minimum(trace.run, ks) + 1
+    return tokens[start:].sum() / duration[start:].sum()
+
+
+def tuned(world: World, trace: Trace, mode: str, start: int, request_len: int = 250):
+    """Run the tuner round by round; return goodput after `start` and the k it chose."""
+    tuner = Tuner(max_k=MAX_K)
+    ks = np.zeros(len(trace.run), dtype=np.int64)
+    request = tuner.new_request()
+    for i in range(len(trace.run)):
+        if i % request_len == 0:
+            request = tuner.new_request()
+        k = tuner.choose_k(request, mode)
+        ks[i] = k
+        one = Trace(trace.run[i : i + 1], trace.noise[i : i + 1])
+        d_c, d_w, v_c, v_w, _ = (float(x[0]) for x in round_times(world, np.array([k]), one, mode))
+        n = min(int(trace.run[i]), k)
+        tuner.record_round(
+            request,
+            k,
+            n,
+            target_compute_s=v_c,
+            target_wall_s=v_w,
+            draft_compute_s=d_c if k else None,
+            draft_wall_s=d_w if k else None,
+        )
+    duration = round_times(world, ks, trace, mode)[-1]
+    tokens = np.minimum(trace.run, ks) + 1
+    return tokens[start:].sum() / duration[start:].sum(), ks[start:], tuner
+
+
+WORLDS = [
+    World(a, c, s, r) for a, c, s, r in itertools.product((0.3, 0.6, 0.9), (0.05, 0.3), (0.0, 0.1), (0.0, 0.002, 0.020))
+]
+WARMUP, MEASURED = 300, 2000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sequential", "pipelined"])
+def test_tuner_close_to_best_fixed_k(mode: str) -> None:
+    failures = []
+    for j, world in enumerate(WORLDS):
+        trace = make_trace(world, WARMUP + MEASURED, seed=1000 + j)
+        fixed = [fixed_goodput(world, k, trace, mode, WARMUP) for k in range(MAX_K + 1)]
+        best = int(np.argmax(fixed))
+        goodput, ks, _ = tuned(world, trace, mode, WARMUP)
+        ratio = goodput / fixed[best]
+        zero_share = float(np.mean(ks == 0))
+        line = f"{world} best k {best} ratio {ratio:.3f} k=0 share {zero_share:.2f} median k {np.median(ks)}"
+        if ratio < 0.95:
+            failures.append("goodput " + line)
+        # Where speculation loses clearly, k = 0 is the rule; probe rounds stay a minority.
+        if fixed[0] > 1.05 * max(fixed[1:]) and (np.median(ks) != 0 or zero_share < 0.75):
+            failures.append("should stay at k=0: " + line)
+        if max(fixed[1:]) > 1.10 * fixed[0] and zero_share > 0.10:
+            failures.append("should speculate: " + line)
+    assert not failures, "\n".join(failures)
+
+
+def test_worlds_cover_both_regimes() -> None:
+    """The grid must contain worlds where speculation loses and where it wins, or the test above is moot."""
+    from tandem.cost_model import Costs
+
+    regimes = set()
+    for w in WORLDS:
+        costs = Costs(w.rtt, RTT_TARGET, w.per_token, w.overhead, STEP, w.slope * STEP)
+        regimes.add(best_k(w.alpha, costs)[0] == 0)
+    assert regimes == {True, False}
+
+
+def test_recovers_when_acceptance_rises() -> None:
+    """Stuck at k = 0 on hard text, the probes must notice when the text turns easy."""
+    world_hard, world_easy = World(0.05, 0.05, 0.0, 0.002), World(0.95, 0.05, 0.0, 0.002)
+    tuner, request = Tuner(max_k=MAX_K), None
+    request = tuner.new_request()
+    chosen = []
+    for phase, (world, rounds) in enumerate(((world_hard, 600), (world_easy, 600))):
+        trace = make_trace(world, rounds, seed=7 + phase)
+        for i in range(rounds):
+            k = tuner.choose_k(request)
+            chosen.append(k)
+            one = Trace(trace.run[i : i + 1], trace.noise[i : i + 1])
+            d_c, d_w, v_c, v_w, _ = (float(x[0]) for x in round_times(world, np.array([k]), one, "sequential"))
+            tuner.record_round(
+                request,
+                k,
+                min(int(trace.run[i]), k),
+                target_compute_s=v_c,
+                target_wall_s=v_w,
+                draft_compute_s=d_c if k else None,
+                draft_wall_s=d_w if k else None,
+            )
+    hard, easy = np.array(chosen[300:600]), np.array(chosen[-300:])
+    assert np.mean(hard == 0) > 0.8
+    assert np.mean(easy == 0) < 0.05 and np.median(easy) >= 6
+
+
+def test_alpha_estimate_is_unbiased_under_truncation() -> None:
+    """accepted / (accepted + rejections) is the MLE; accepted / proposed would read ~0.56 here."""
+    rng = np.random.default_rng(3)
+    tuner = Tuner(global_decay=1.0, request_decay=1.0, prior_strength=1.0)
+    request = tuner.new_request()
+    k, alpha = 3, 0.7
+    runs = rng.geometric(1.0 - alpha, size=20000) - 1
+    for r in runs:
+        tuner.record_acceptance(request, k, int(min(r, k)))
+    assert abs(tuner.alpha(request) - alpha) < 0.01
+    naive = np.minimum(runs, k).sum() / (k * len(runs))
+    assert abs(naive - alpha) > 0.1
+
+
+def test_alpha_prior_then_request_counts() -> None:
+    tuner = Tuner(prior_alpha=0.5, prior_strength=8.0)
+    a, b = tuner.new_request(), tuner.new_request()
+    assert tuner.alpha(a) == pytest.approx(0.5)
+    for _ in range(50):
+        tuner.record_acceptance(a, 4, 4)
+    assert tuner.alpha(a) > 0.9
+    # b has no data of its own: it sees the global estimate, which a pulled up.
+    assert 0.5 < tuner.alpha(b) < tuner.alpha(a)
+    with pytest.raises(ValueError):
+        tuner.record_acceptance(a, 2, 3)
+
+
+def test_linear_fit_recovers_line_and_uses_prior_when_flat() -> None:
+    fit = LinearFit(decay=0.99, prior_b=0.0)
+    assert fit.coefficients() is None
+    for x in [0, 3, 5, 1, 8, 2] * 5:
+        fit.add(x, 0.02 + 0.003 * x)
+    a, b = fit.coefficients()
+    assert a == pytest.approx(0.02, rel=1e-3) and b == pytest.approx(0.003, rel=1e-3)
+    flat = LinearFit(decay=0.99, prior_b=0.0)
+    for _ in range(10):
+        flat.add(4, 0.05)
+    a, b = flat.coefficients()
+    assert b == pytest.approx(0.0, abs=1e-4) and a + 4 * b == pytest.approx(0.05, rel=1e-3)
+
+
+def test_rtt_is_wall_minus_compute() -> None:
+    tuner = Tuner()
+    for _ in range(100):
+        tuner.record_verify(2, compute_s=0.03, wall_s=0.035)
+        tuner.record_draft(2, compute_s=0.004, wall_s=0.024)
+    costs = tuner.costs()
+    assert costs.rtt_target == pytest.approx(0.005)
+    assert costs.rtt_draft == pytest.approx(0.020)
+
+
+def test_choose_k_respects_limit_and_starts_at_initial_k() -> None:
+    tuner = Tuner(max_k=8, initial_k=4)
+    request = tuner.new_request()
+    assert tuner.choose_k(request) == 4
+    assert tuner.choose_k(request, limit=2) == 2
+    assert tuner.predicted_tps(request) is None
+    for k in (1, 2, 4, 8) * 10:
+        tuner.record_round(
+            request,
+            k,
+            k,
+            target_compute_s=0.02,
+            target_wall_s=0.02,
+            draft_compute_s=0.001 * k,
+            draft_wall_s=0.001 * k,
+        )
+    assert tuner.choose_k(request, limit=3) <= 3
+    assert tuner.choose_k(request, limit=0) == 0
+    assert tuner.predicted_tps(request) > 1 / 0.02
