@@ -43,27 +43,6 @@ CONFIG_FROM_FILE = {"llama_gqa_untied", "qwen2_bias_tied"}
 TOKENS = torch.tensor([[1, 17, 300, 42, 511, 3, 99, 250, 8, 64, 128, 7]])
 
 
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A GGUF holding only a 512-token vocabulary, so files stay small and transformers loads them fast."""
-    path = tmp_path_factory.mktemp("tok") / "tok.gguf"
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"t{i}" for i in range(3, VOCAB)])
-    w.add_token_types([3, 3, 3] + [1] * (VOCAB - 3))
-    w.add_token_merges(["t 1", "t 2", "t1 0"])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
-    w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 def _fields(path: Path) -> dict[str, Any]:
     return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()}
 

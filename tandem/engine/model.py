@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tandem.engine.qlinear import Linear
+
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 
 
@@ -134,6 +136,30 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
+class Embedding(nn.Module):
+    """Token embeddings; quantized rows are dequantized only for the tokens looked up."""
+
+    def __init__(
+        self,
+        weight: Tensor | None,
+        rows: Tensor | None = None,
+        qtype: int = 0,
+        dim: int = 0,
+        dtype=torch.float32,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("rows", rows)  # raw GGUF bytes, one row of blocks per token
+        self.qtype, self.dim, self.dtype = qtype, dim, dtype
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        if self.weight is not None:
+            return F.embedding(tokens, self.weight)
+        from tandem.engine.quants import dequantize_blocks
+
+        return dequantize_blocks(self.rows[tokens], self.qtype, (tokens.shape[0], self.dim), self.dtype)
+
+
 class Block(nn.Module):
     """One transformer block. Weights are attached by the loader (see runtime.py)."""
 
@@ -142,22 +168,28 @@ class Block(nn.Module):
         self.cfg = cfg
         self.attn_norm: Tensor
         self.ffn_norm: Tensor
-        self.wqkv: Tensor  # [q_dim + 2 * kv_dim, dim]
-        self.bqkv: Tensor | None = None
-        self.wo: Tensor
-        self.w13: Tensor  # gate and up, stacked: [2 * ffn, dim]
-        self.w2: Tensor
+        self.wqkv: Linear  # q, k, v fused: [q_dim + 2 * kv_dim, dim] (+ bias for qwen2)
+        self.wo: Linear
+        self.w13: Linear  # gate and up fused: [2 * ffn, dim]
+        self.w2: Linear
         self.q_norm: Tensor | None = None
         self.k_norm: Tensor | None = None
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, mask: Tensor | None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        pos: int,
+        mask: Tensor | None,
     ) -> Tensor:
         cfg = self.cfg
         k_new = x.shape[0]
         hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         h = rms_norm(x, self.attn_norm, cfg.norm_eps)
-        qkv = F.linear(h, self.wqkv, self.bqkv)
+        qkv = self.wqkv(h)
         q, k, v = qkv.split((nh * hd, nkv * hd, nkv * hd), dim=-1)
         q, k, v = q.view(k_new, nh, hd), k.view(k_new, nkv, hd), v.view(k_new, nkv, hd)
         if self.q_norm is not None:
@@ -175,10 +207,10 @@ class Block(nn.Module):
             attn_mask=mask,
             enable_gqa=nh != nkv,
         )
-        x = x + F.linear(attn[0].transpose(0, 1).reshape(k_new, nh * hd), self.wo)
+        x = x + self.wo(attn[0].transpose(0, 1).reshape(k_new, nh * hd))
         h = rms_norm(x, self.ffn_norm, cfg.norm_eps)
-        gate, up = F.linear(h, self.w13).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.w2)
+        gate, up = self.w13(h).chunk(2, dim=-1)
+        return x + self.w2(F.silu(gate) * up)
 
 
 class Transformer(nn.Module):
@@ -186,9 +218,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.tok_embd: Tensor
+        self.embed: Embedding
         self.output_norm: Tensor
-        self.output: Tensor
+        self.output: Linear
         self.cos: Tensor
         self.sin: Tensor
         self.layer_devices: list[torch.device] = []
@@ -196,7 +228,7 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, pos: int, caches: list[tuple[Tensor, Tensor]]) -> Tensor:
         """Append tokens at positions pos.. and return float32 logits for each of them."""
         k_new = tokens.shape[0]
-        x = F.embedding(tokens, self.tok_embd)
+        x = self.embed(tokens)
         mask = None
         if k_new > 1:
             # Causal among the new tokens; everything cached before pos is visible.
@@ -208,7 +240,7 @@ class Transformer(nn.Module):
                 x, cos, sin = x.to(dev), cos.to(dev), sin.to(dev)
                 mask = mask.to(dev) if mask is not None else None
             x = layer(x, cos, sin, kc, vc, pos, mask)
-        if x.device != self.output.device:
-            x = x.to(self.output.device)
+        if x.device != self.output_norm.device:
+            x = x.to(self.output_norm.device)
         x = rms_norm(x, self.output_norm, self.cfg.norm_eps)
-        return F.linear(x, self.output).float()
+        return self.output(x).float()

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as GT
 from torch import Tensor
 
-from tandem.engine.gguf_file import GGUFFile, read_gguf
-from tandem.engine.model import ModelConfig, Transformer, rope_tables
+from tandem.engine.gguf_file import GGUFFile, TensorInfo, read_gguf
+from tandem.engine.model import Embedding, ModelConfig, Transformer, rope_tables
+from tandem.engine.qlinear import PACKED_TYPES, Linear, packed_linear
 from tandem.engine.quants import dequantize
 from tandem.engine.tokenizer import Tokenizer
 
@@ -73,7 +75,12 @@ class Engine:
         caches = []
         for dev in self.model.layer_devices:
             shape = (cfg.n_kv_heads, n, cfg.head_dim)
-            caches.append((torch.zeros(shape, dtype=self.dtype, device=dev), torch.zeros(shape, dtype=self.dtype, device=dev)))
+            caches.append(
+                (
+                    torch.zeros(shape, dtype=self.dtype, device=dev),
+                    torch.zeros(shape, dtype=self.dtype, device=dev),
+                )
+            )
         return Sequence(self, caches, n)
 
 
@@ -144,40 +151,77 @@ def load_engine(
     model = Transformer(cfg)
     model.layer_devices = layer_dev
 
-    def load(name: str, dev: torch.device, to_dtype: torch.dtype | None = None) -> Tensor:
-        info = gf.tensors.get(name)
-        if info is None:
-            raise ValueError(f"{path}: missing tensor {name}")
-        return dequantize(np.asarray(gf.raw(name)), info.ggml_type, info.shape, device=dev, dtype=to_dtype or tdtype)
-
-    _load_weights(gf, cfg, model, layer_dev, devices, load)
-    freq_factors = load("rope_freqs.weight", devices[0], torch.float32) if "rope_freqs.weight" in gf.tensors else None
+    dequantized = _load_weights(gf, model, layer_dev, tdtype, weights == "quantized")
+    freq_factors = None
+    if "rope_freqs.weight" in gf.tensors:
+        t = gf.tensors["rope_freqs.weight"]
+        freq_factors = dequantize(gf.raw(t.name), t.ggml_type, t.shape)
     model.cos, model.sin = (t.to(devices[0]) for t in rope_tables(cfg, cfg.context_length, freq_factors))
-
+    if dequantized:
+        log.info("dequantized at load (no packed kernel for their type): %s", ", ".join(dequantized))
     name = str(gf.metadata.get("general.name", Path(path).stem))
-    eng = Engine(model, cfg, tokenizer, name, Path(path), devices, tdtype, weights, time.perf_counter() - t0)
-    return eng
+    secs = time.perf_counter() - t0
+    return Engine(model, cfg, tokenizer, name, Path(path), devices, tdtype, weights, secs, dequantized)
 
 
-def _load_weights(gf: GGUFFile, cfg: ModelConfig, model: Transformer, layer_dev, devices, load) -> None:
-    first, last = devices[0], devices[-1]
-    model.tok_embd = load("token_embd.weight", first)
-    model.output_norm = load("output_norm.weight", last)
+def _load_weights(
+    gf: GGUFFile, model: Transformer, layer_dev: list[torch.device], dtype: torch.dtype, quantized: bool
+) -> list[str]:
+    """Attach every weight to the model; returns the names of tensors dequantized despite `quantized`."""
+    cfg = model.cfg
+    first, last = layer_dev[0], layer_dev[-1]
+    dequantized: list[str] = []
+
+    def info(name: str) -> TensorInfo:
+        if name not in gf.tensors:
+            raise ValueError(f"{gf.path}: missing tensor {name}")
+        return gf.tensors[name]
+
+    def dense(name: str, dev: torch.device, to: torch.dtype | None = None) -> Tensor:
+        t = info(name)
+        return dequantize(gf.raw(name), t.ggml_type, t.shape, device=dev, dtype=to or dtype)
+
+    def linear(names: list[str], dev: torch.device, bias: list[str] | None = None) -> Linear:
+        infos = [info(n) for n in names]
+        b = torch.cat([dense(n, dev) for n in bias]) if bias else None
+        qtypes = {t.ggml_type for t in infos}
+        if quantized and len(qtypes) == 1 and infos[0].ggml_type in PACKED_TYPES:
+            raws = [torch.from_numpy(np.array(gf.raw(n))).to(dev) for n in names]
+            lin = packed_linear(raws, infos[0].ggml_type, [t.shape for t in infos], dtype)
+            lin.bias = b
+            return lin
+        if quantized:
+            dequantized.extend(
+                f"{n} ({t.ggml_type.name})"
+                for n, t in zip(names, infos, strict=True)
+                if t.ggml_type not in (GT.F32, GT.F16, GT.BF16)
+            )
+        return Linear(torch.cat([dense(n, dev) for n in names]), b)
+
+    emb = info("token_embd.weight")
+    if quantized and emb.ggml_type not in (GT.F32, GT.F16, GT.BF16):
+        rows = torch.from_numpy(np.array(gf.raw(emb.name))).to(first).view(emb.shape[0], -1)
+        model.embed = Embedding(None, rows, int(emb.ggml_type), emb.shape[1], dtype)
+    else:
+        model.embed = Embedding(dense(emb.name, first))
+    model.output_norm = dense("output_norm.weight", last)
     if "output.weight" in gf.tensors:
-        model.output = load("output.weight", last)
-    else:  # tied embeddings
-        model.output = model.tok_embd if first == last else model.tok_embd.to(last)
+        model.output = linear(["output.weight"], last)
+    elif model.embed.weight is not None and first == last:
+        model.output = Linear(model.embed.weight)  # tied embeddings share storage
+    else:
+        model.output = linear([emb.name], last)
     for i, blk in enumerate(model.layers):
         dev = layer_dev[i]
         p = f"blk.{i}."
-        blk.attn_norm = load(p + "attn_norm.weight", dev)
-        blk.ffn_norm = load(p + "ffn_norm.weight", dev)
-        blk.wqkv = torch.cat([load(p + f"attn_{n}.weight", dev) for n in "qkv"])
-        if cfg.attn_bias:
-            blk.bqkv = torch.cat([load(p + f"attn_{n}.bias", dev) for n in "qkv"])
-        blk.wo = load(p + "attn_output.weight", dev)
-        blk.w13 = torch.cat([load(p + "ffn_gate.weight", dev), load(p + "ffn_up.weight", dev)])
-        blk.w2 = load(p + "ffn_down.weight", dev)
+        blk.attn_norm = dense(p + "attn_norm.weight", dev)
+        blk.ffn_norm = dense(p + "ffn_norm.weight", dev)
+        qkv = [p + f"attn_{n}.weight" for n in "qkv"]
+        blk.wqkv = linear(qkv, dev, [p + f"attn_{n}.bias" for n in "qkv"] if cfg.attn_bias else None)
+        blk.wo = linear([p + "attn_output.weight"], dev)
+        blk.w13 = linear([p + "ffn_gate.weight", p + "ffn_up.weight"], dev)
+        blk.w2 = linear([p + "ffn_down.weight"], dev)
         if cfg.qk_norm:
-            blk.q_norm = load(p + "attn_q_norm.weight", dev)
-            blk.k_norm = load(p + "attn_k_norm.weight", dev)
+            blk.q_norm = dense(p + "attn_q_norm.weight", dev)
+            blk.k_norm = dense(p + "attn_k_norm.weight", dev)
+    return dequantized
