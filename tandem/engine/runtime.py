@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,16 @@ class Engine:
     weights: str
     load_seconds: float
     dequantized_tensors: list[str] = field(default_factory=list)
+    step: Callable[[Tensor, int, list[tuple[Tensor, Tensor]]], Tensor] | None = None  # the (compiled) forward
+
+    def compile(self) -> float:
+        """Compile the forward (sizes symbolic, so one graph serves every k and length); returns seconds."""
+        t0 = time.perf_counter()
+        self.step = torch.compile(self.model.forward, dynamic=True)
+        seq = self.new_sequence(8)
+        for k in (1, 2):  # decode, then the generic k-token graph
+            seq.forward([0] * k)
+        return time.perf_counter() - t0
 
     @property
     def device(self) -> torch.device:
@@ -116,7 +127,7 @@ class Sequence:
         outs = []
         for start in range(0, k, PREFILL_CHUNK):
             chunk = ids[start : start + PREFILL_CHUNK]
-            logits = self.engine.model(chunk, len(self.tokens) + start, self.caches)
+            logits = (self.engine.step or self.engine.model)(chunk, len(self.tokens) + start, self.caches)
             outs.append(logits if all_logits else logits[-1:])
         self.tokens.extend(tokens)
         return outs[0] if len(outs) == 1 else (torch.cat(outs) if all_logits else outs[-1])
@@ -132,6 +143,7 @@ def load_engine(
     dtype: str = "float32",
     weights: str = "dequantized",
     threads: int | None = None,
+    compile: bool = False,
 ) -> Engine:
     t0 = time.perf_counter()
     if dtype not in DTYPES:
@@ -161,7 +173,10 @@ def load_engine(
         log.info("dequantized at load (no packed kernel for their type): %s", ", ".join(dequantized))
     name = str(gf.metadata.get("general.name", Path(path).stem))
     secs = time.perf_counter() - t0
-    return Engine(model, cfg, tokenizer, name, Path(path), devices, tdtype, weights, secs, dequantized)
+    engine = Engine(model, cfg, tokenizer, name, Path(path), devices, tdtype, weights, secs, dequantized)
+    if compile:
+        engine.load_seconds += engine.compile()
+    return engine
 
 
 def _load_weights(
