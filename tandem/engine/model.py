@@ -200,7 +200,7 @@ class Block(nn.Module):
         sin: Tensor,
         k_cache: Tensor,
         v_cache: Tensor,
-        pos: int,
+        pos: int | Tensor,
         mask: Tensor | None,
     ) -> Tensor:
         cfg = self.cfg
@@ -215,10 +215,15 @@ class Block(nn.Module):
             k = rms_norm(k, self.k_norm, cfg.norm_eps)
         q = apply_rope(q, cos, sin, cfg.rope_neox)
         k = apply_rope(k, cos, sin, cfg.rope_neox)
-        end = pos + k_new
-        k_cache[:, pos:end] = k.transpose(0, 1)
-        v_cache[:, pos:end] = v.transpose(0, 1)
-        attn = attention(q, k_cache[:, :end], v_cache[:, :end], mask)
+        if isinstance(pos, Tensor):  # static shapes (CUDA graphs): write by index, attend over the whole cache
+            k_cache.index_copy_(1, pos, k.transpose(0, 1))
+            v_cache.index_copy_(1, pos, v.transpose(0, 1))
+            attn = attention(q, k_cache, v_cache, mask)
+        else:
+            end = pos + k_new
+            k_cache[:, pos:end] = k.transpose(0, 1)
+            v_cache[:, pos:end] = v.transpose(0, 1)
+            attn = attention(q, k_cache[:, :end], v_cache[:, :end], mask)
         x = x + self.wo(attn.reshape(k_new, nh * hd))
         h = rms_norm(x, self.ffn_norm, cfg.norm_eps)
         gate, up = self.w13(h).chunk(2, dim=-1)
@@ -237,16 +242,24 @@ class Transformer(nn.Module):
         self.sin: Tensor
         self.layer_devices: list[torch.device] = []
 
-    def forward(self, tokens: Tensor, pos: int, caches: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """Append tokens at positions pos.. and return float32 logits for each of them."""
+    def forward(self, tokens: Tensor, pos: int | Tensor, caches: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Append tokens at positions pos.. and return float32 logits for each of them.
+
+        pos is an int (shapes follow the context length) or a tensor of the k positions (shapes fixed by
+        the cache size, for CUDA graphs).
+        """
         k_new = tokens.shape[0]
         x = self.embed(tokens)
         mask = None
-        if k_new > 1:
-            # Causal among the new tokens; everything cached before pos is visible.
-            idx = torch.arange(pos + k_new, device=x.device)
-            mask = idx[None, :] <= (pos + torch.arange(k_new, device=x.device))[:, None]
-        cos, sin = self.cos[pos : pos + k_new], self.sin[pos : pos + k_new]
+        if isinstance(pos, Tensor):
+            mask = torch.arange(caches[0][0].shape[1], device=x.device)[None, :] <= pos[:, None]
+            cos, sin = self.cos[pos], self.sin[pos]
+        else:
+            if k_new > 1:
+                # Causal among the new tokens; everything cached before pos is visible.
+                idx = torch.arange(pos + k_new, device=x.device)
+                mask = idx[None, :] <= (pos + torch.arange(k_new, device=x.device))[:, None]
+            cos, sin = self.cos[pos : pos + k_new], self.sin[pos : pos + k_new]
         for layer, dev, (kc, vc) in zip(self.layers, self.layer_devices, caches, strict=True):
             if x.device != dev:
                 x, cos, sin = x.to(dev), cos.to(dev), sin.to(dev)

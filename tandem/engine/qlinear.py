@@ -79,7 +79,9 @@ class Int4Weight(nn.Module):
             pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
             packed = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
         self.register_buffer("packed", packed)
-        self.register_buffer("scales_zeros", torch.stack((scale.t(), zero.t()), dim=-1).contiguous().to(dtype))
+        # The CUDA kernel takes bfloat16 activations and scales only; the CPU one takes the compute dtype.
+        sz_dtype = dtype if q.device.type == "cpu" else torch.bfloat16
+        self.register_buffer("scales_zeros", torch.stack((scale.t(), zero.t()), dim=-1).contiguous().to(sz_dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -87,7 +89,8 @@ class Int4Weight(nn.Module):
         if x2.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scales_zeros)
         else:
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, GROUP, self.scales_zeros)
+            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros)
+            y = y.to(x.dtype)
         if y.shape[-1] != self.out_features:
             y = y[:, : self.out_features]
         return y.reshape(*shape[:-1], self.out_features)

@@ -62,6 +62,7 @@ class Engine:
     load_seconds: float
     dequantized_tensors: list[str] = field(default_factory=list)
     step: Callable[[Tensor, int, list[tuple[Tensor, Tensor]]], Tensor] | None = None  # the (compiled) forward
+    cuda_graphs: bool = False  # decode/verify blocks replay captured graphs (one CUDA device only)
 
     def compile(self) -> float:
         """Compile the forward (sizes symbolic, so one graph serves every k and length); returns seconds."""
@@ -95,6 +96,19 @@ class Engine:
         return Sequence(self, caches, n)
 
 
+# CUDA graphs serve blocks up to a verify of k = 16 (17 tokens), padded up to one of these sizes so a
+# session captures at most six graphs; longer blocks (prompts) run eagerly.
+GRAPH_SIZES = (1, 2, 3, 5, 9, 17)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    tokens: Tensor
+    pos: Tensor
+    logits: Tensor
+
+
 class Sequence:
     """One session's tokens and KV cache. Rollback is O(1): only the length moves."""
 
@@ -103,6 +117,25 @@ class Sequence:
         self.caches = caches
         self.max_len = max_len
         self.tokens: list[int] = []
+        self._graphs: dict[int, _Graph] = {}  # per block size, captured on first use (CUDA, one device)
+
+    def _graph(self, k: int) -> _Graph:
+        g = self._graphs.get(k)
+        if g is None:
+            dev = self.engine.device
+            tokens = torch.zeros(k, dtype=torch.long, device=dev)
+            pos = torch.arange(k, device=dev) + len(self.tokens)
+            stream = torch.cuda.Stream(dev)
+            stream.wait_stream(torch.cuda.current_stream(dev))
+            fn = self.engine.step or self.engine.model
+            with torch.cuda.stream(stream):  # warm up (and compile) outside the capture
+                fn(tokens, pos, self.caches)
+            torch.cuda.current_stream(dev).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = fn(tokens, pos, self.caches)
+            g = self._graphs[k] = _Graph(graph, tokens, pos, logits)
+        return g
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -123,11 +156,21 @@ class Sequence:
         vocab = self.engine.config.vocab_size
         if min(tokens) < 0 or max(tokens) >= vocab:
             raise ValueError(f"token id out of range [0, {vocab})")
+        size = next((n for n in GRAPH_SIZES if n >= k), 0) if self.engine.cuda_graphs else 0
+        if size and len(self.tokens) + size <= self.max_len:
+            # Padding positions write cache rows past the live length: harmless, overwritten before use.
+            g = self._graph(size)
+            g.tokens.copy_(torch.tensor(tokens + [0] * (size - k)), non_blocking=True)
+            g.pos.copy_(torch.arange(len(self.tokens), len(self.tokens) + size), non_blocking=True)
+            g.graph.replay()
+            self.tokens.extend(tokens)
+            return g.logits[:k].clone() if all_logits else g.logits[k - 1 : k].clone()
         ids = torch.tensor(tokens, dtype=torch.long, device=self.engine.device)
         outs = []
         for start in range(0, k, PREFILL_CHUNK):
             chunk = ids[start : start + PREFILL_CHUNK]
-            logits = (self.engine.step or self.engine.model)(chunk, len(self.tokens) + start, self.caches)
+            fn = self.engine.model if self.engine.cuda_graphs else (self.engine.step or self.engine.model)
+            logits = fn(chunk, len(self.tokens) + start, self.caches)
             outs.append(logits if all_logits else logits[-1:])
         self.tokens.extend(tokens)
         return outs[0] if len(outs) == 1 else (torch.cat(outs) if all_logits else outs[-1])
@@ -174,7 +217,10 @@ def load_engine(
     name = str(gf.metadata.get("general.name", Path(path).stem))
     secs = time.perf_counter() - t0
     engine = Engine(model, cfg, tokenizer, name, Path(path), devices, tdtype, weights, secs, dequantized)
-    if compile:
+    if compile and len(devices) == 1 and devices[0].type == "cuda":
+        engine.cuda_graphs = True  # graphs of the compiled forward, captured per session on first use
+        engine.step = torch.compile(model.forward)
+    elif compile:
         engine.load_seconds += engine.compile()
     return engine
 
