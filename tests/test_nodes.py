@@ -354,7 +354,7 @@ def test_cli_serves_logs_one_line_and_exits_0_on_sigterm(tmp_path: Path, transpo
     try:
         line = proc.stdout.readline()
         assert f"{role}-node serving model=tiny-llama-0" in line and f"transport={transport}" in line, line
-        assert "device=cpu dtype=float32" in line and "load=" in line and "auth=on" in line
+        assert "device=cpu dtype=bfloat16" in line and "load=" in line and "auth=on" in line
         port = int(line.split("address=127.0.0.1:")[1].split()[0])
 
         async def go() -> None:

@@ -35,8 +35,25 @@ def build_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--listen", default=f"127.0.0.1:{default_port}", help="HOST:PORT (port 0: any free port)")
     p.add_argument("--transport", choices=("grpc", "zmq"), default="grpc")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or a comma list to split layers")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--weights", default="dequantized", choices=("dequantized", "quantized"))
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("float32", "bfloat16", "float16"),
+        help="compute dtype (default %(default)s)",
+    )
+    p.add_argument(
+        "--weights",
+        default="quantized",
+        choices=("dequantized", "quantized"),
+        help="quantized: Q4_0/Q4_1/Q4_K/Q8_0 stay 4-bit packed (fast); dequantized: the reference path",
+    )
+    p.add_argument(
+        "--compile",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="torch.compile the forward (CUDA: plus CUDA graphs); auto = on for CUDA, off on CPU, "
+        "where compiling takes minutes at start-up",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all usable cores)")
     p.add_argument("--max-sessions", type=int, default=8, help="sessions kept; the least recently used is evicted")
     p.add_argument("--max-context", type=int, default=None, help="tokens per session (default: the model's)")
@@ -79,7 +96,12 @@ def main(role: str, default_port: int, service_class: str, argv: Sequence[str] |
 
     try:
         engine = load_engine(
-            args.model, device=args.device, dtype=args.dtype, weights=args.weights, threads=args.threads
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            weights=args.weights,
+            threads=args.threads,
+            compile=args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda")),
         )
         service = make_service(engine, max_sessions=args.max_sessions, max_context=args.max_context, max_k=args.max_k)
     except (OSError, ValueError) as exc:
