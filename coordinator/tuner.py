@@ -31,9 +31,12 @@ class LinearFit:
     The prior only matters while the data cannot separate a from b (every sample at one x).
     """
 
-    def __init__(self, decay: float, prior_a: float | None = None, prior_b: float | None = None) -> None:
+    def __init__(
+        self, decay: float, prior_a: float | None = None, prior_b: float | None = None, prior_weight: float = 1e-3
+    ) -> None:
         self.decay = decay
         self.prior_a, self.prior_b = prior_a, prior_b
+        self.prior_weight = prior_weight  # relative to the data's weight
         self.s0 = self.sx = self.sxx = self.sy = self.sxy = 0.0
 
     def add(self, x: float, y: float) -> None:
@@ -47,7 +50,7 @@ class LinearFit:
     def coefficients(self) -> tuple[float, float] | None:
         if self.s0 == 0:
             return None
-        w = 1e-3 * self.s0  # prior weight: a thousandth of the data's
+        w = self.prior_weight * self.s0
         m00, m01, m11 = self.s0, self.sx, self.sxx
         r0, r1 = self.sy, self.sxy
         if self.prior_a is not None:
@@ -98,7 +101,9 @@ class Tuner:
         self.global_decay, self.request_decay = global_decay, request_decay
         self.dither_every, self.probe_budget = dither_every, probe_budget
         # Drafting time is mostly per token: pull the overhead toward 0 until k varies.
-        self.draft_fit = LinearFit(fit_decay, prior_a=0.0)
+        # A draft call is k decode steps: hold its fixed cost near zero firmly, or rounds that all use one k
+        # let the fit trade per-token cost for per-call cost and the chosen k drifts to an extreme.
+        self.draft_fit = LinearFit(fit_decay, prior_a=0.0, prior_weight=0.1)
         # Verify time: assume flat in k until k varies (optimistic, so speculation gets tried).
         self.verify_fit = LinearFit(fit_decay, prior_b=0.0)
         self.rtt_draft: float | None = None

@@ -1,4 +1,4 @@
-"""Decoder-only transformer for the GGUF architectures we serve (llama, qwen2, qwen3).
+"""Decoder-only transformer for the GGUF architectures we serve (llama, qwen2, qwen3; MoE ones in moe.py).
 
 gpt-fast style: one module per block, a KV cache written by absolute position and owned by the caller
 (one per sequence), so several sequences share one set of weights.
@@ -16,7 +16,9 @@ from torch import Tensor, nn
 
 from tandem.engine.qlinear import Linear
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+MOE_ARCHS = ("qwen2moe", "qwen3moe", "deepseek2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", *MOE_ARCHS)
+GATING = {0: "softmax", 1: "softmax", 2: "sigmoid"}  # GGUF expert_gating_func (0: unset, llama.cpp's softmax)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,22 @@ class ModelConfig:
     yarn_beta_slow: float = 1.0
     attn_bias: bool = False
     qk_norm: bool = False
+    # Mixture of experts (qwen2moe, qwen3moe, deepseek2); n_experts == 0 for dense models.
+    n_experts: int = 0
+    n_experts_used: int = 0
+    expert_ffn_dim: int = 0
+    leading_dense: int = 0  # deepseek2: the first blocks have a dense FFN
+    expert_gating: str = "softmax"  # softmax | sigmoid
+    expert_norm: bool = False  # renormalise the chosen experts' weights to sum 1
+    expert_scale: float = 1.0
+    expert_groups: int = 0  # deepseek2 group-limited routing: pick expert_groups_used groups first
+    expert_groups_used: int = 0
+    # Multi-head latent attention (deepseek2); kv_lora_rank == 0 otherwise.
+    q_lora_rank: int = 0  # 0: q is one projection
+    kv_lora_rank: int = 0
+    qk_nope_dim: int = 0
+    v_head_dim: int = 0
+    yarn_log_mul: float = 0.0  # deepseek2: mscale_all_dim; YaRN then scales q.k instead of the rotation
 
     @staticmethod
     def from_gguf(md: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
@@ -62,6 +80,7 @@ class ModelConfig:
         scaling = str(md.get(f"{arch}.rope.scaling.type", "none"))
         if scaling not in ("none", "linear", "yarn"):
             raise ValueError(f"unsupported rope scaling type {scaling!r}")
+        extra = _moe_config(arch, md, tensor_shapes) if arch in MOE_ARCHS else {}
         return ModelConfig(
             arch=arch,
             vocab_size=vocab,
@@ -75,7 +94,7 @@ class ModelConfig:
             context_length=int(get("context_length", 4096)),
             rope_base=float(get("rope.freq_base", 10000.0)),
             rope_dim=int(get("rope.dimension_count", head_dim)),
-            rope_neox=arch != "llama",
+            rope_neox=arch not in ("llama", "deepseek2"),
             rope_scaling=scaling,
             rope_factor=float(md.get(f"{arch}.rope.scaling.factor", 1.0)),
             rope_orig_context=int(md.get(f"{arch}.rope.scaling.original_context_length", 0)),
@@ -83,7 +102,52 @@ class ModelConfig:
             yarn_beta_slow=float(md.get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
             attn_bias="blk.0.attn_q.bias" in tensor_shapes,
             qk_norm="blk.0.attn_q_norm.weight" in tensor_shapes,
+            **extra,
         )
+
+
+def _moe_config(arch: str, md: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """The MoE and MLA fields, with llama.cpp's per-architecture defaults where the file is silent."""
+    n_exp = int(md.get(f"{arch}.expert_count", 0))
+    used = int(md.get(f"{arch}.expert_used_count", 0))
+    if n_exp < 1 or not 0 < used <= n_exp:
+        raise ValueError(f"{arch}: needs expert_count >= 1 and 0 < expert_used_count <= it, got {n_exp}, {used}")
+    gating = int(md.get(f"{arch}.expert_gating_func", 0))
+    if gating not in GATING:
+        raise ValueError(f"{arch}: unsupported expert_gating_func {gating} (softmax and sigmoid are)")
+    groups = int(md.get(f"{arch}.expert_group_count", 0))
+    groups_used = int(md.get(f"{arch}.expert_group_used_count", 0))
+    if groups > 1 and (n_exp % groups or n_exp // groups < 2 or not 0 < groups_used <= groups):
+        raise ValueError(f"{arch}: {n_exp} experts do not route in {groups} groups of which {groups_used} are used")
+    out: dict[str, Any] = dict(
+        n_experts=n_exp,
+        n_experts_used=used,
+        expert_ffn_dim=int(md.get(f"{arch}.expert_feed_forward_length", 0)),
+        leading_dense=int(md.get(f"{arch}.leading_dense_block_count", 0)),
+        expert_gating=GATING[gating],
+        # llama.cpp's qwen3moe always renormalises, qwen2moe never; deepseek2 says so in its metadata.
+        expert_norm=bool(md.get(f"{arch}.expert_weights_norm", arch == "qwen3moe")),
+        expert_scale=float(md.get(f"{arch}.expert_weights_scale", 0.0)) or 1.0,
+        expert_groups=groups if groups > 1 else 0,
+        expert_groups_used=groups_used if groups > 1 else 0,
+    )
+    if arch == "deepseek2":
+        k_mla = md.get(f"{arch}.attention.key_length_mla")
+        if k_mla is None or "blk.0.attn_k_b.weight" not in shapes:
+            raise ValueError(
+                "deepseek2 file without attn_k_b/attn_v_b (an old conversion storing attn_kv_b): "
+                "convert it again with a current llama.cpp"
+            )
+        rope_dim = int(md[f"{arch}.rope.dimension_count"])
+        out.update(
+            q_lora_rank=int(md.get(f"{arch}.attention.q_lora_rank", 0)),
+            kv_lora_rank=int(md[f"{arch}.attention.kv_lora_rank"]),
+            qk_nope_dim=int(k_mla) - rope_dim,
+            v_head_dim=int(md[f"{arch}.attention.value_length_mla"]),
+            # llama.cpp's converter stores 0.1 * mscale_all_dim, and its loader divides the 0.1 back out.
+            yarn_log_mul=float(md.get(f"{arch}.rope.scaling.yarn_log_multiplier", 0.0)) / 0.1,
+        )
+    return out
 
 
 def rope_tables(cfg: ModelConfig, max_len: int, freq_factors: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -110,7 +174,8 @@ def rope_tables(cfg: ModelConfig, max_len: int, freq_factors: Tensor | None) -> 
         ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
         extrapolation = 1 - ramp
         inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
-        attn_scale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        # deepseek2 with a log multiplier leaves the rotation unscaled and scales q.k instead (moe.py).
+        attn_scale = 0.1 * math.log(factor) + 1.0 if factor > 1 and not cfg.yarn_log_mul else 1.0
     t = torch.arange(max_len, dtype=torch.float64)
     freqs = torch.outer(t, inv_freq)
     return (freqs.cos() * attn_scale).float(), (freqs.sin() * attn_scale).float()
@@ -234,7 +299,12 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        if cfg.arch in MOE_ARCHS:
+            from tandem.engine.moe import MoEBlock
+
+            self.layers = nn.ModuleList(MoEBlock(cfg, i) for i in range(cfg.n_layers))
+        else:
+            self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.embed: Embedding
         self.output_norm: Tensor
         self.output: Linear

@@ -6,10 +6,13 @@ peak memory while loading is the loaded weights plus one tensor in flight.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from gguf import GGMLQuantizationType as GT
 from torch import Tensor
 
 from tandem.engine.gguf_file import GGUFFile, TensorInfo, read_gguf
-from tandem.engine.model import Embedding, ModelConfig, Transformer, rope_tables
+from tandem.engine.model import MOE_ARCHS, Block, Embedding, ModelConfig, Transformer, rope_tables
 from tandem.engine.qlinear import PACKED_TYPES, Linear, packed_linear
 from tandem.engine.quants import dequantize
 from tandem.engine.tokenizer import Tokenizer
@@ -45,6 +48,42 @@ def parse_devices(device: str) -> list[torch.device]:
     return devs
 
 
+def placement_device(name: str) -> torch.device:
+    """A device of a --override-tensor rule: llama.cpp's names (CPU, CUDA0) or torch's (cpu, cuda, cuda:1)."""
+    s = name.strip().lower()
+    if m := re.fullmatch(r"cuda(\d+)", s):
+        s = f"cuda:{m[1]}"
+    if s != "cpu" and not re.fullmatch(r"cuda(:\d+)?", s):
+        raise ValueError(f"unknown device {name!r} in --override-tensor (use CPU, CUDA0, cuda or cuda:N)")
+    return parse_devices(s)[0]
+
+
+def parse_overrides(rules: Iterable[str]) -> list[tuple[re.Pattern[str], torch.device]]:
+    """llama.cpp's --override-tensor: REGEX=DEVICE rules (also comma-joined), searched in tensor names in order."""
+    out = []
+    for rule in rules:
+        for part in rule.split(","):
+            pattern, eq, dev = part.strip().rpartition("=")
+            if not eq or not pattern or not dev.strip():
+                raise ValueError(f"--override-tensor {part!r}: expected REGEX=DEVICE")
+            try:
+                rx = re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"--override-tensor {part!r}: bad regular expression: {e}") from None
+            out.append((rx, placement_device(dev)))
+    return out
+
+
+EXPS_REGEX = r"\.ffn_(up|down|gate|gate_up)_exps"
+
+
+def cpu_moe_rules(n_blocks: int | None = None) -> list[str]:
+    """llama.cpp's --cpu-moe (all routed experts on the CPU) or --n-cpu-moe N (those of blocks 0..N-1)."""
+    if n_blocks is None:
+        return [EXPS_REGEX + "=CPU"]
+    return [rf"blk\.{i}{EXPS_REGEX}=CPU" for i in range(n_blocks)]
+
+
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -61,6 +100,7 @@ class Engine:
     weights: str
     load_seconds: float
     dequantized_tensors: list[str] = field(default_factory=list)
+    input_device: torch.device | None = None  # where token ids go (the embedding's device)
     step: Callable[[Tensor, int, list[tuple[Tensor, Tensor]]], Tensor] | None = None  # the (compiled) forward
     cuda_graphs: bool = False  # decode/verify blocks replay captured graphs (one CUDA device only)
 
@@ -79,18 +119,18 @@ class Engine:
 
     @property
     def output_device(self) -> torch.device:
-        return self.devices[-1]
+        return self.model.output_norm.device
 
     def new_sequence(self, max_len: int | None = None) -> Sequence:
         n = min(max_len or self.config.context_length, self.config.context_length)
         cfg = self.config
         caches = []
+        v_dim = 0 if cfg.kv_lora_rank else cfg.head_dim  # MLA caches one latent row per token (moe.py)
         for dev in self.model.layer_devices:
-            shape = (cfg.n_kv_heads, n, cfg.head_dim)
             caches.append(
                 (
-                    torch.zeros(shape, dtype=self.dtype, device=dev),
-                    torch.zeros(shape, dtype=self.dtype, device=dev),
+                    torch.zeros((cfg.n_kv_heads, n, cfg.head_dim), dtype=self.dtype, device=dev),
+                    torch.zeros((cfg.n_kv_heads, n, v_dim), dtype=self.dtype, device=dev),
                 )
             )
         return Sequence(self, caches, n)
@@ -165,7 +205,7 @@ class Sequence:
             g.graph.replay()
             self.tokens.extend(tokens)
             return g.logits[:k].clone() if all_logits else g.logits[k - 1 : k].clone()
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.engine.device)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.engine.input_device or self.engine.device)
         outs = []
         for start in range(0, k, PREFILL_CHUNK):
             chunk = ids[start : start + PREFILL_CHUNK]
@@ -174,6 +214,13 @@ class Sequence:
             outs.append(logits if all_logits else logits[-1:])
         self.tokens.extend(tokens)
         return outs[0] if len(outs) == 1 else (torch.cat(outs) if all_logits else outs[-1])
+
+
+def _trim_heap() -> None:
+    """Hand the loader's freed scratch (unpacked codes, per-tensor copies) back to the OS: glibc keeps it
+    in its arenas otherwise, and resident memory would stay near twice the weights after a quantized load."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _layer_of(name: str) -> int | None:
@@ -187,7 +234,9 @@ def load_engine(
     weights: str = "dequantized",
     threads: int | None = None,
     compile: bool = False,
+    override_tensor: Iterable[str] = (),
 ) -> Engine:
+    """override_tensor: llama.cpp-style REGEX=DEVICE placement rules (first match wins); the rest is on `device`."""
     t0 = time.perf_counter()
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r} (use {', '.join(DTYPES)})")
@@ -195,6 +244,7 @@ def load_engine(
         raise ValueError(f"--weights must be quantized or dequantized, not {weights!r}")
     torch.set_num_threads(threads or default_threads())
     devices = parse_devices(device)
+    rules = parse_overrides(override_tensor)
     tdtype = DTYPES[dtype]
     gf = read_gguf(path)
     cfg = ModelConfig.from_gguf(gf.metadata, {n: t.shape for n, t in gf.tensors.items()})
@@ -204,20 +254,31 @@ def load_engine(
     per = -(-cfg.n_layers // n_dev)
     layer_dev = [devices[min(i // per, n_dev - 1)] for i in range(cfg.n_layers)]
     model = Transformer(cfg)
-    model.layer_devices = layer_dev
+    place = _placement(gf, cfg, rules, layer_dev)
+    model.layer_devices = [p[0] for p in place.layers]
 
-    dequantized = _load_weights(gf, model, layer_dev, tdtype, weights == "quantized")
+    dequantized = _load_weights(gf, model, place, tdtype, weights == "quantized")
+    _trim_heap()
     freq_factors = None
     if "rope_freqs.weight" in gf.tensors:
         t = gf.tensors["rope_freqs.weight"]
         freq_factors = dequantize(gf.raw(t.name), t.ggml_type, t.shape)
-    model.cos, model.sin = (t.to(devices[0]) for t in rope_tables(cfg, cfg.context_length, freq_factors))
+    model.cos, model.sin = (t.to(place.embed) for t in rope_tables(cfg, cfg.context_length, freq_factors))
     if dequantized:
         log.info("dequantized at load (no packed kernel for their type): %s", ", ".join(dequantized))
     name = str(gf.metadata.get("general.name", Path(path).stem))
     secs = time.perf_counter() - t0
     engine = Engine(model, cfg, tokenizer, name, Path(path), devices, tdtype, weights, secs, dequantized)
-    if compile and len(devices) == 1 and devices[0].type == "cuda":
+    engine.input_device = place.embed
+    if rules:
+        where = {"experts": {str(p[2]) for p in place.layers}, "attention": {str(p[0]) for p in place.layers}}
+        log.info(
+            "placement rules: %d; %s", len(rules), "; ".join(f"{k} on {', '.join(sorted(v))}" for k, v in where.items())
+        )
+    if compile and (rules or cfg.arch in MOE_ARCHS):
+        # Routing sizes are data-dependent (one host sync per MoE block) and rules move activations.
+        log.info("compile skipped: MoE routing and placement rules run eagerly")
+    elif compile and len(devices) == 1 and devices[0].type == "cuda":
         engine.cuda_graphs = True  # graphs of the compiled forward, captured per session on first use
         engine.step = torch.compile(model.forward)
     elif compile:
@@ -225,12 +286,68 @@ def load_engine(
     return engine
 
 
+@dataclass
+class _Placement:
+    embed: torch.device
+    output: torch.device
+    layers: list[tuple[torch.device, torch.device, torch.device]]  # per block: attention, FFN, routed experts
+
+
+def _placement(
+    gf: GGUFFile, cfg: ModelConfig, rules: list[tuple[re.Pattern[str], torch.device]], layer_dev: list[torch.device]
+) -> _Placement:
+    """Each tensor's device (first matching rule, else the default), checked per group of fused tensors.
+
+    A block has three groups: attention (with its KV cache), FFN (norm, router, shared and dense FFN) and
+    routed experts; the tensors of a group are fused or chained, so they share a device. Dense blocks are
+    placed whole.
+    """
+
+    def indexed(dev: torch.device) -> torch.device:
+        # "cuda" means the current one: compare equal to tensors' devices, so nothing moves needlessly.
+        return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
+
+    def place(name: str, default: torch.device) -> torch.device:
+        return indexed(next((dev for rx, dev in rules if rx.search(name)), default))
+
+    def one(names: list[str], default: torch.device, what: str) -> torch.device:
+        devs = {place(n, default) for n in names}
+        if len(devs) > 1:
+            listing = ", ".join(f"{n}={place(n, default)}" for n in names)
+            raise ValueError(f"--override-tensor splits {what} across devices ({listing}); place them together")
+        return devs.pop() if devs else indexed(default)
+
+    by_layer: list[list[str]] = [[] for _ in range(cfg.n_layers)]
+    for name in gf.tensors:
+        if (i := _layer_of(name)) is not None and i < cfg.n_layers:
+            by_layer[i].append(name)
+    layers = []
+    for i, names in enumerate(by_layer):
+        default = layer_dev[i]
+        attn = [n for n in names if n.split(".")[2].startswith("attn")]
+        exps = [n for n in names if re.search(EXPS_REGEX, n)]
+        ffn = [n for n in names if n not in attn and n not in exps]
+        if cfg.arch not in MOE_ARCHS:
+            dev = one(names, default, f"block {i} (placed whole for {cfg.arch})")
+            layers.append((dev, dev, dev))
+        else:
+            a = one(attn, default, f"block {i}'s attention")
+            f = one(ffn, default, f"block {i}'s FFN")
+            layers.append((a, f, one(exps, default, f"block {i}'s routed experts")))
+    out_names = [n for n in ("output_norm.weight", "output.weight") if n in gf.tensors]
+    return _Placement(
+        embed=place("token_embd.weight", layer_dev[0]),
+        output=one(out_names, layer_dev[-1], "the output head"),
+        layers=layers,
+    )
+
+
 def _load_weights(
-    gf: GGUFFile, model: Transformer, layer_dev: list[torch.device], dtype: torch.dtype, quantized: bool
+    gf: GGUFFile, model: Transformer, place: _Placement, dtype: torch.dtype, quantized: bool
 ) -> list[str]:
     """Attach every weight to the model; returns the names of tensors dequantized despite `quantized`."""
     cfg = model.cfg
-    first, last = layer_dev[0], layer_dev[-1]
+    first, last = place.embed, place.output
     dequantized: list[str] = []
 
     def info(name: str) -> TensorInfo:
@@ -273,7 +390,12 @@ def _load_weights(
     else:
         model.output = linear([emb.name], last)
     for i, blk in enumerate(model.layers):
-        dev = layer_dev[i]
+        if not isinstance(blk, Block):
+            from tandem.engine.moe import load_block
+
+            load_block(blk, gf, place.layers[i], dense, linear, quantized, dtype, dequantized)
+            continue
+        dev = place.layers[i][0]
         p = f"blk.{i}."
         blk.attn_norm = dense(p + "attn_norm.weight", dev)
         blk.ffn_norm = dense(p + "ffn_norm.weight", dev)

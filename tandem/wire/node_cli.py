@@ -54,6 +54,17 @@ def build_parser(role: str, default_port: int) -> argparse.ArgumentParser:
         help="torch.compile the forward (CUDA: plus CUDA graphs); auto = on for CUDA, off on CPU, "
         "where compiling takes minutes at start-up",
     )
+    p.add_argument(
+        "--override-tensor",
+        "-ot",
+        action="append",
+        default=[],
+        metavar="REGEX=DEVICE",
+        help="put tensors whose name matches REGEX on DEVICE (CPU, CUDA0, cuda:1); repeatable, first match wins, "
+        "as llama.cpp's; everything else goes to --device",
+    )
+    p.add_argument("--cpu-moe", action="store_true", help="keep all routed experts on the CPU (as llama.cpp's)")
+    p.add_argument("--n-cpu-moe", type=int, default=None, metavar="N", help="keep those of blocks 0..N-1 on the CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all usable cores)")
     p.add_argument("--max-sessions", type=int, default=8, help="sessions kept; the least recently used is evicted")
     p.add_argument("--max-context", type=int, default=None, help="tokens per session (default: the model's)")
@@ -84,12 +95,25 @@ def main(role: str, default_port: int, service_class: str, argv: Sequence[str] |
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if args.n_cpu_moe is not None and args.n_cpu_moe < 0:
+            raise ValueError(f"--n-cpu-moe must be >= 0, got {args.n_cpu_moe}")
         if not Path(args.model).is_file():
             raise ValueError(f"--model {args.model}: no such file")
     except ValueError as exc:
         parser.error(str(exc))
 
-    from tandem.engine.runtime import load_engine  # after argument checks: importing torch takes a while
+    # After argument checks: importing torch takes a while.
+    from tandem.engine.runtime import cpu_moe_rules, load_engine, parse_overrides
+
+    rules = list(args.override_tensor)
+    if args.cpu_moe:
+        rules += cpu_moe_rules()
+    if args.n_cpu_moe:
+        rules += cpu_moe_rules(args.n_cpu_moe)
+    try:
+        parse_overrides(rules)  # a bad regex or device is a usage error, reported before loading
+    except ValueError as exc:
+        parser.error(str(exc))
 
     module, _, cls = service_class.partition(":")
     make_service = getattr(importlib.import_module(module), cls)
@@ -102,6 +126,7 @@ def main(role: str, default_port: int, service_class: str, argv: Sequence[str] |
             weights=args.weights,
             threads=args.threads,
             compile=args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda")),
+            override_tensor=rules,
         )
         service = make_service(engine, max_sessions=args.max_sessions, max_context=args.max_context, max_k=args.max_k)
     except (OSError, ValueError) as exc:

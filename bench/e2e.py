@@ -1,0 +1,221 @@
+"""End-to-end tokens/s through the coordinator: target alone, sequential and pipelined speculation at
+fixed k = 1..8 and tuned k, at T = 0 and T = 0.7, with the cost model's prediction beside each row.
+
+    python bench/e2e.py                                   # the demo pair, nodes started locally
+    python bench/e2e.py --draft-model d.gguf --target-model t.gguf --prompts 8 --max-tokens 64
+    python bench/e2e.py --draft 10.0.0.2:50052 --target 127.0.0.1:50051 --tokenizer-model t.gguf
+
+Every configuration runs the same set of distinct prompts (repeating one prompt would let a draft's
+acceptance look better than it is), one request at a time. tok/s is generated tokens over decode time
+(prefill excluded, the same for every row); "predicted" is the cost model's tokens/s for the k chosen
+each round, from the tuner's measurements at that moment. Figures depend on the machines and their load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import uvloop  # noqa: E402
+
+from coordinator.cli import DEMO_DRAFT, EmbeddedNodes, demo_target  # noqa: E402
+from coordinator.loop import Coordinator, Request, Settings, Stats  # noqa: E402
+from tandem.engine.gguf_file import read_gguf  # noqa: E402
+from tandem.engine.tokenizer import Tokenizer  # noqa: E402
+from tandem.sampling import SamplingParams  # noqa: E402
+
+PROMPTS = [
+    "The history of the Roman Empire begins with",
+    "def quicksort(items):\n    ",
+    "Photosynthesis is the process by which plants",
+    "Dear hiring manager, I am writing to apply for",
+    "The main differences between TCP and UDP are",
+    "Once upon a time, a young fox who lived near the river",
+    "To bake a loaf of sourdough bread, you need",
+    "import json\n\ndef load_config(path):\n",
+    "The French Revolution changed Europe because",
+    "A healthy breakfast should include",
+    "In mathematics, a prime number is",
+    "The weather on Mars is very different from Earth:",
+    "Here are five tips for learning to play the guitar:",
+    "SELECT name, email FROM users WHERE",
+    "The best way to prepare for a marathon is",
+    "Water boils at 100 degrees Celsius because",
+]
+
+
+@dataclass
+class Row:
+    temperature: float
+    mode: str
+    k: str
+    tokens: int = 0
+    decode_s: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    k_sum: int = 0
+    predicted_tokens: float = 0.0
+    predicted_time: float = 0.0
+    texts: list[list[int]] = field(default_factory=list)
+
+    def add(self, s: Stats, tokens: list[int]) -> None:
+        self.tokens += len(tokens)
+        self.decode_s += s.decode_s
+        self.drafted += s.drafted
+        self.accepted += s.accepted
+        self.rounds += s.rounds
+        self.k_sum += sum(k * n for k, n in s.k_hist.items())
+        self.predicted_tokens += s.predicted_tokens
+        self.predicted_time += s.predicted_time
+        self.texts.append(tokens)
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def predicted(self) -> float | None:
+        return self.predicted_tokens / self.predicted_time if self.predicted_time else None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "temperature": self.temperature, "mode": self.mode, "k": self.k, "tokens": self.tokens,
+            "tokens_per_second": round(self.tps, 3), "acceptance": round(self.accepted / self.drafted, 4)
+            if self.drafted else None, "tokens_per_round": round(self.tokens / self.rounds, 3) if self.rounds else None,
+            "mean_k": round(self.k_sum / self.rounds, 3) if self.rounds else None,
+            "predicted_tokens_per_second": None if self.predicted is None else round(self.predicted, 3),
+        }  # fmt: skip
+
+
+async def run_config(
+    coord: Coordinator, prompts: list[list[int]], t: float, mode: str, k: int | None, max_tokens: int
+) -> Row:
+    row = Row(t, "target-only" if k == 0 else mode, "auto" if k is None else str(k))
+    for i, ids in enumerate(prompts):
+        sp = SamplingParams(temperature=t, seed=1234 + i if t > 0 else None)
+        res = await coord.run(Request(ids, max_tokens, sp, k=k, mode=mode))  # type: ignore[arg-type]
+        row.add(res.stats, res.tokens)
+    return row
+
+
+def table(rows: list[Row]) -> str:
+    out = [f"{'T':>4} {'mode':<12} {'k':>4} {'tok/s':>8} {'x alone':>8} {'accept':>7} {'tok/rnd':>8} {'mean k':>7} "
+           f"{'predicted':>10}"]  # fmt: skip
+    base = {r.temperature: r.tps for r in rows if r.mode == "target-only"}
+    for r in rows:
+        acc = f"{r.accepted / r.drafted:.2f}" if r.drafted else "-"
+        pred = f"{r.predicted:.1f}" if r.predicted else "-"
+        rel = r.tps / base[r.temperature] if base.get(r.temperature) else float("nan")
+        out.append(f"{r.temperature:>4.1f} {r.mode:<12} {r.k:>4} {r.tps:>8.2f} {rel:>8.2f} {acc:>7} "
+                   f"{r.tokens / max(r.rounds, 1):>8.2f} {r.k_sum / max(r.rounds, 1):>7.2f} {pred:>10}")  # fmt: skip
+    return "\n".join(out)
+
+
+def goals(rows: list[Row]) -> list[str]:
+    lines = []
+    for t in sorted({r.temperature for r in rows}):
+        at = [r for r in rows if r.temperature == t]
+        alone = next((r.tps for r in at if r.mode == "target-only"), None)
+        best_mode: dict[str, float] = {}
+        for mode in ("sequential", "pipelined"):
+            fixed = [r for r in at if r.mode == mode and r.k != "auto"]
+            auto = next((r for r in at if r.mode == mode and r.k == "auto"), None)
+            if fixed and auto:
+                best = max(fixed, key=lambda r: r.tps)
+                ratio = auto.tps / best.tps
+                verdict = "met" if ratio >= 0.95 else "MISSED"
+                lines.append(f"T={t:.1f} {mode}: auto {auto.tps:.2f} tok/s = {ratio:.2f}x the best fixed k "
+                             f"(k={best.k}, {best.tps:.2f}) [goal >= 0.95: {verdict}]")  # fmt: skip
+            if auto and alone:
+                r = auto.tps / alone
+                lines.append(f"T={t:.1f} {mode}: auto = {r:.2f}x the target alone "
+                             f"[goal >= 0.97: {'met' if r >= 0.97 else 'MISSED'}]")  # fmt: skip
+            if auto:
+                best_mode[mode] = auto.tps
+        if len(best_mode) == 2:
+            verdict = "met" if best_mode["pipelined"] >= best_mode["sequential"] else "MISSED"
+            lines.append(f"T={t:.1f}: pipelined auto {best_mode['pipelined']:.2f} vs sequential auto "
+                         f"{best_mode['sequential']:.2f} [goal pipelined >= sequential: {verdict}]")  # fmt: skip
+    return lines
+
+
+async def main(args: argparse.Namespace) -> int:
+    embedded = EmbeddedNodes(args.node_log)
+    target_url, draft_url = args.target, args.draft
+    target_model = Path(args.target_model) if args.target_model else (demo_target() if target_url is None else None)
+    draft_model = Path(args.draft_model) if args.draft_model else (DEMO_DRAFT if draft_url is None else None)
+    tok_path = args.tokenizer_model or target_model
+    for what, path in (("target model", target_model), ("draft model", draft_model), ("tokenizer", tok_path)):
+        if path is not None and not Path(path).is_file():
+            sys.exit(f"e2e: {what} {path} not found (pass --{what.split()[0]}-model or a node URL)")
+    if tok_path is None:
+        sys.exit("e2e: a remote --target needs --tokenizer-model")
+    tokenizer = Tokenizer.from_gguf(read_gguf(tok_path).metadata)
+    opts = ["--threads", str(args.threads)] if args.threads else []
+    dopts = ["--threads", str(args.draft_threads)] if args.draft_threads else []
+    try:
+        handles = {}
+        if target_url is None:
+            handles["target"] = embedded.start("target", target_model, "grpc", opts, None)
+        if draft_url is None:
+            handles["draft"] = embedded.start("draft", draft_model, "grpc", dopts, None)
+        if "target" in handles:
+            target_url = await embedded.wait(handles["target"])
+        if "draft" in handles:
+            draft_url = await embedded.wait(handles["draft"])
+        coord = await Coordinator.connect(target_url, draft_url, tokenizer, settings=Settings(max_k=args.max_k))
+        try:
+            prompts = [tokenizer.encode(p) for p in PROMPTS[: args.prompts]]
+            ks = [int(k) for k in args.ks.split(",") if k]
+            modes = [m for m in args.modes.split(",") if m]
+            for mode in modes:  # warm both nodes and the tuner up (first forwards are slow)
+                await coord.run(Request(tokenizer.encode("Warm-up: the quick brown fox"), 8, k=2, mode=mode))  # type: ignore[arg-type]
+            rows: list[Row] = []
+            for t in [float(x) for x in args.temperatures.split(",")]:
+                configs: list[tuple[str, int | None]] = [("sequential", 0)]
+                configs += [(m, k) for m in modes for k in [*ks, None]]
+                for mode, k in configs:
+                    row = await run_config(coord, prompts, t, mode, k, args.max_tokens)
+                    rows.append(row)
+                    print(table([row]).splitlines()[1], file=sys.stderr, flush=True)
+                    if t == 0 and k != 0:
+                        base = next(r for r in rows if r.temperature == t and r.mode == "target-only")
+                        if row.texts != base.texts:
+                            print("  !! greedy output differs from the target alone", file=sys.stderr)
+            print(table(rows))
+            print()
+            print("\n".join(goals(rows)))
+            if args.json:
+                Path(args.json).write_text(json.dumps([r.as_dict() for r in rows], indent=1))
+        finally:
+            await coord.aclose()
+    finally:
+        embedded.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target-model", default=None, help="default: SmolLM2-135M-Instruct")
+    ap.add_argument("--draft-model", default=None, help=f"default: models/{DEMO_DRAFT.name}")
+    ap.add_argument("--target", default=None, help="a running target node instead of a local one")
+    ap.add_argument("--draft", default=None, help="a running draft node instead of a local one")
+    ap.add_argument("--tokenizer-model", default=None, help="default: --target-model")
+    ap.add_argument("--prompts", type=int, default=8, help=f"how many distinct prompts (at most {len(PROMPTS)})")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--ks", default="1,2,3,4,5,6,7,8", help="fixed draft lengths to run")
+    ap.add_argument("--modes", default="sequential,pipelined")
+    ap.add_argument("--temperatures", default="0,0.7")
+    ap.add_argument("--max-k", type=int, default=16, help="longest draft the tuner considers")
+    ap.add_argument("--threads", type=int, default=None, help="target node threads")
+    ap.add_argument("--draft-threads", type=int, default=None, help="draft node threads")
+    ap.add_argument("--node-log", default=None)
+    ap.add_argument("--json", default=None, help="write the rows here")
+    sys.exit(uvloop.run(main(ap.parse_args())))
