@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tandem.wire import auth, errors
 from tandem.wire.client import NodeClient
-from tandem.wire.errors import NodeError
+from tandem.wire.errors import Code, NodeError
 from tandem.wire.gen import tandem_pb2 as pb
 from tandem.wire.service import MAX_MESSAGE_BYTES, NodeService
 
@@ -194,6 +194,9 @@ class GrpcClient(NodeClient):
             except NodeError:
                 self._drop(session, st)
                 raise
+            except asyncio.InvalidStateError:  # the server already ended this stream (e.g. it restarted)
+                self._drop(session, st)
+                raise NodeError(Code.UNAVAILABLE, "the node closed the session stream") from None
             except BaseException:
                 self._drop(session, st)  # cancelled mid-request: the stream may hold a stray reply
                 raise

@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 
 from tandem.wire import auth, errors
 from tandem.wire.client import NodeClient
-from tandem.wire.errors import NodeError
+from tandem.wire.errors import Code, NodeError
 from tandem.wire.gen import tandem_pb2 as pb
 from tandem.wire.service import MAX_MESSAGE_BYTES, NodeService
 
@@ -121,6 +121,8 @@ class ZmqClient(NodeClient):
         self._ids = itertools.count(1)
 
     def _socket(self, session: str | None) -> tuple[zmq.asyncio.Socket, asyncio.Lock]:
+        if self.ctx.closed:
+            raise NodeError(Code.UNAVAILABLE, "client is closed")
         entry = self._socks.get(session)
         if entry is None:
             sock = self.ctx.socket(zmq.DEALER)
