@@ -78,9 +78,9 @@ def bench_hf(path: Path, device: str, dtype: str, reps: int) -> dict[int, float]
         for k in KS:
             block = torch.tensor([[101 + i for i in range(k)]], device=device)
 
-            def step(block: torch.Tensor = block) -> None:
+            def step(block: torch.Tensor = block, k: int = k) -> None:
                 model(block, past_key_values=cache, use_cache=True)
-                cache.crop(CONTEXT)
+                cache.crop(-k)  # drop the k tokens just added
 
             out[k] = median_ms(step, reps, sync)
     return out
@@ -129,6 +129,7 @@ def main() -> None:
         configs += [("tandem bf16 dequantized", "bfloat16", "dequantized", False)]
         for name, dtype, weights, comp in configs:
             rows.append((name, threads, bench_tandem(path, args.device, dtype, weights, comp, args.reps)))
+            print(rows[-1], flush=True)
             if threads:
                 torch.set_num_threads(threads)
         if not args.skip_hf:

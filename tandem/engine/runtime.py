@@ -279,8 +279,9 @@ def load_engine(
         # Routing sizes are data-dependent (one host sync per MoE block) and rules move activations.
         log.info("compile skipped: MoE routing and placement rules run eagerly")
     elif compile and len(devices) == 1 and devices[0].type == "cuda":
-        engine.cuda_graphs = True  # graphs of the compiled forward, captured per session on first use
-        engine.step = torch.compile(model.forward)
+        # Graphs of the eager forward, captured per session on first use. (Graphs of a torch.compile'd
+        # forward fuse further, but compiling every block size took minutes at start-up on an H100 host.)
+        engine.cuda_graphs = True
     elif compile:
         engine.load_seconds += engine.compile()
     return engine
