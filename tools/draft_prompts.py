@@ -31,76 +31,122 @@ from pathlib import Path
 
 MAX_CHARS = 1200  # source passages longer than this are cut (prompt stays well under 512 tokens)
 
-TOPICS = """photosynthesis; the water cycle; black holes; plate tectonics; the immune system; vaccines; climate change;
+
+def listed(text: str) -> list[str]:
+    """A ';'-separated list written across lines (line breaks count as spaces)."""
+    return [" ".join(s.split()) for s in text.split(";") if s.strip()]
+
+
+TOPICS = listed(
+    """
+photosynthesis; the water cycle; black holes; plate tectonics; the immune system; vaccines; climate change;
 renewable energy; solar panels; wind turbines; electric cars; the internet; how email works; encryption;
 public key cryptography; blockchain; machine learning; neural networks; large language models; compilers;
-operating systems; databases; version control with git; cloud computing; virtual machines; containers;
-the French Revolution; the Roman Empire; the printing press; the industrial revolution; the Renaissance;
-ancient Egypt; the Silk Road; the Cold War; the moon landing; democracy; inflation; supply and demand;
-compound interest; budgeting; saving for retirement; healthy sleep; meditation; regular exercise;
-a balanced diet; drinking enough water; learning a new language; time management; public speaking;
-job interviews; writing a resume; remote work; teamwork; leadership; giving feedback; negotiation;
-volcanoes; earthquakes; hurricanes; coral reefs; rainforests; deserts; honey bees; migratory birds;
-dolphins; elephants; the human heart; the human brain; DNA; evolution; antibiotics; the periodic table;
-chemical reactions; gravity; electricity; magnetism; light and color; sound waves; the speed of light;
-relativity; quantum computing; prime numbers; probability; statistics; the Pythagorean theorem; calculus;
-graph theory; sorting algorithms; binary search; recursion; hash tables; linked lists; big O notation;
-unit testing; code review; technical debt; open source software; the history of computers; the telescope;
-the solar system; Mars exploration; satellites; GPS; bread baking; making coffee; growing tomatoes;
-composting; recycling; urban gardening; bicycles; trains; airplanes and lift; bridges; skyscrapers;
-the Olympic Games; chess; jazz music; classical music; photography; painting with watercolors;
-reading more books; keeping a journal; friendship; kindness; curiosity; critical thinking; the scientific method;
-museums; libraries; national parks; tea; chocolate; cheese making; fermentation; sourdough; the seasons;
-tides; clouds; rainbows; snowflakes; the northern lights; volunteering; first aid; fire safety""".split(";")
+operating systems; databases; version control with git; cloud computing; virtual machines; containers; the
+French Revolution; the Roman Empire; the printing press; the industrial revolution; the Renaissance; ancient
+Egypt; the Silk Road; the Cold War; the moon landing; democracy; inflation; supply and demand; compound
+interest; budgeting; saving for retirement; healthy sleep; meditation; regular exercise; a balanced diet;
+drinking enough water; learning a new language; time management; public speaking; job interviews; writing a
+resume; remote work; teamwork; leadership; giving feedback; negotiation; volcanoes; earthquakes; hurricanes;
+coral reefs; rainforests; deserts; honey bees; migratory birds; dolphins; elephants; the human heart; the
+human brain; DNA; evolution; antibiotics; the periodic table; chemical reactions; gravity; electricity;
+magnetism; light and color; sound waves; the speed of light; relativity; quantum computing; prime numbers;
+probability; statistics; the Pythagorean theorem; calculus; graph theory; sorting algorithms; binary search;
+recursion; hash tables; linked lists; big O notation; unit testing; code review; technical debt; open source
+software; the history of computers; the telescope; the solar system; Mars exploration; satellites; GPS; bread
+baking; making coffee; growing tomatoes; composting; recycling; urban gardening; bicycles; trains; airplanes
+and lift; bridges; skyscrapers; the Olympic Games; chess; jazz music; classical music; photography; painting
+with watercolors; reading more books; keeping a journal; friendship; kindness; curiosity; critical thinking;
+the scientific method; museums; libraries; national parks; tea; chocolate; cheese making; fermentation;
+sourdough; the seasons; tides; clouds; rainbows; snowflakes; the northern lights; volunteering; first aid;
+fire safety
+"""
+)
 
-HELD_OUT_TOPICS_EXTRA = """the Great Wall of China; octopuses; the stock market; origami; lighthouses; glaciers;
-the violin; typography; beekeeping; submarines; the human skeleton; spreadsheets; marathon running""".split(";")
+HELD_OUT_TOPICS_EXTRA = listed(
+    """
+the Great Wall of China; octopuses; the stock market; origami; lighthouses; glaciers; the violin; typography;
+beekeeping; submarines; the human skeleton; spreadsheets; marathon running
+"""
+)
 
-CODE_TASKS = """reverses a string; checks whether a number is prime; returns the n-th Fibonacci number;
-counts the words in a text; removes duplicates from a list while keeping order; merges two sorted lists;
-flattens a nested list; computes the average of a list of numbers; finds the largest element in a list;
-checks whether a string is a palindrome; converts Celsius to Fahrenheit; reads a CSV file into a list of dictionaries;
-sorts a list of dictionaries by a key; computes the factorial of a number; returns the greatest common divisor of two numbers;
-splits a list into chunks of a given size; counts how often each character appears in a string;
-validates an email address with a regular expression; finds all anagrams of a word in a list;
-implements binary search; implements bubble sort; implements a stack class; implements a queue with two stacks;
-parses a date string into a datetime; returns the most common element in a list; transposes a matrix;
-checks whether two strings are anagrams; computes the sum of the digits of a number; generates a random password;
-retries a function call up to three times; measures how long a function takes; caches the results of a slow function;
-walks a directory and lists all Python files; downloads nothing but formats a file size in human-readable units;
-converts a Roman numeral to an integer; converts an integer to binary; rotates a list by k positions;
-finds the second largest number in a list; checks whether brackets in a string are balanced;
-computes the dot product of two vectors; capitalizes the first letter of every word; truncates text to a maximum length;
-groups words by their first letter; computes a running total of a list; finds the intersection of two lists;
-counts the lines in a file; removes punctuation from a string; checks whether a year is a leap year""".split(";")
+CODE_TASKS = listed(
+    """
+reverses a string; checks whether a number is prime; returns the n-th Fibonacci number; counts the words in a
+text; removes duplicates from a list while keeping order; merges two sorted lists; flattens a nested list;
+computes the average of a list of numbers; finds the largest element in a list; checks whether a string is a
+palindrome; converts Celsius to Fahrenheit; reads a CSV file into a list of dictionaries; sorts a list of
+dictionaries by a key; computes the factorial of a number; returns the greatest common divisor of two numbers;
+splits a list into chunks of a given size; counts how often each character appears in a string; validates an
+email address with a regular expression; finds all anagrams of a word in a list; implements binary search;
+implements bubble sort; implements a stack class; implements a queue with two stacks; parses a date string
+into a datetime; returns the most common element in a list; transposes a matrix; checks whether two strings
+are anagrams; computes the sum of the digits of a number; generates a random password; retries a function call
+up to three times; measures how long a function takes; caches the results of a slow function; walks a
+directory and lists all Python files; downloads nothing but formats a file size in human-readable units;
+converts a Roman numeral to an integer; converts an integer to binary; rotates a list by k positions; finds
+the second largest number in a list; checks whether brackets in a string are balanced; computes the dot
+product of two vectors; capitalizes the first letter of every word; truncates text to a maximum length; groups
+words by their first letter; computes a running total of a list; finds the intersection of two lists; counts
+the lines in a file; removes punctuation from a string; checks whether a year is a leap year
+"""
+)
 
-HELD_OUT_CODE_TASKS = """computes the median of a list; converts a string to snake_case; finds the longest word in a sentence;
-checks whether a list is sorted; returns the prime factors of a number; merges two dictionaries""".split(";")
+HELD_OUT_CODE_TASKS = listed(
+    """
+computes the median of a list; converts a string to snake_case; finds the longest word in a sentence; checks
+whether a list is sorted; returns the prime factors of a number; merges two dictionaries
+"""
+)
 
-PAIRS = """Python and JavaScript; lists and tuples; TCP and UDP; RAM and disk storage; weather and climate;
-viruses and bacteria; a democracy and a monarchy; stocks and bonds; cats and dogs as pets; tea and coffee;
-renting and buying a home; trains and planes for travel; SQL and NoSQL databases; processes and threads;
-compiled and interpreted languages; nuclear and solar power; mitosis and meiosis; speed and velocity;
-a simile and a metaphor; fiction and non-fiction; email and instant messaging; a laptop and a desktop""".split(";")
+PAIRS = listed(
+    """
+Python and JavaScript; lists and tuples; TCP and UDP; RAM and disk storage; weather and climate; viruses and
+bacteria; a democracy and a monarchy; stocks and bonds; cats and dogs as pets; tea and coffee; renting and
+buying a home; trains and planes for travel; SQL and NoSQL databases; processes and threads; compiled and
+interpreted languages; nuclear and solar power; mitosis and meiosis; speed and velocity; a simile and a
+metaphor; fiction and non-fiction; email and instant messaging; a laptop and a desktop
+"""
+)
 
-HELD_OUT_PAIRS = """rivers and lakes; HTTP and HTTPS; sharks and whales; a novel and a short story""".split(";")
+HELD_OUT_PAIRS = listed(
+    """
+rivers and lakes; HTTP and HTTPS; sharks and whales; a novel and a short story
+"""
+)
 
-ACTIVITIES = """studying for an exam; cooking dinner quickly; staying focused at work; sleeping better; learning to code;
-saving money; starting a garden; running a first 5k; writing clearly; making friends in a new city;
-keeping a tidy home; preparing for a trip; debugging a program; reading faster; staying motivated""".split(";")
+ACTIVITIES = listed(
+    """
+studying for an exam; cooking dinner quickly; staying focused at work; sleeping better; learning to code;
+saving money; starting a garden; running a first 5k; writing clearly; making friends in a new city; keeping a
+tidy home; preparing for a trip; debugging a program; reading faster; staying motivated
+"""
+)
 
-HELD_OUT_ACTIVITIES = """packing a suitcase; taking better photos; learning to swim; organising a party""".split(";")
+HELD_OUT_ACTIVITIES = listed(
+    """
+packing a suitcase; taking better photos; learning to swim; organising a party
+"""
+)
 
-QUESTIONS = """Why is the sky blue?; How do airplanes stay in the air?; What causes the seasons?; How do magnets work?;
-Why do we dream?; How does a refrigerator keep food cold?; What is a computer virus?; How do plants grow?;
-Why do leaves change color in autumn?; How does the heart pump blood?; What is an algorithm?;
-How does a search engine work?; Why is exercise good for you?; What makes a good password?;
-How do vaccines protect us?; What is the difference between a byte and a bit?; Why does ice float?;
-How do bees make honey?; What is a function in programming?; How do tides work?; What is inflation?;
-Why do cats purr?; How does a microwave oven heat food?; What is the capital of France and why is it famous?""".split(";")
+QUESTIONS = listed(
+    """
+Why is the sky blue?; How do airplanes stay in the air?; What causes the seasons?; How do magnets work?; Why
+do we dream?; How does a refrigerator keep food cold?; What is a computer virus?; How do plants grow?; Why do
+leaves change color in autumn?; How does the heart pump blood?; What is an algorithm?; How does a search
+engine work?; Why is exercise good for you?; What makes a good password?; How do vaccines protect us?; What is
+the difference between a byte and a bit?; Why does ice float?; How do bees make honey?; What is a function in
+programming?; How do tides work?; What is inflation?; Why do cats purr?; How does a microwave oven heat food?;
+What is the capital of France and why is it famous?
+"""
+)
 
-HELD_OUT_QUESTIONS = """Why is the ocean salty?; How does a camera take a picture?; What is a black hole made of?;
-How do birds know where to migrate?; What is a variable in Python?; Why do we have time zones?""".split(";")
+HELD_OUT_QUESTIONS = listed(
+    """
+Why is the ocean salty?; How does a camera take a picture?; What is a black hole made of?; How do birds know
+where to migrate?; What is a variable in Python?; Why do we have time zones?
+"""
+)
 
 TRAIN_TOPIC_TEMPLATES = [
     "Explain {x} in simple terms.",
@@ -127,7 +173,11 @@ TRAIN_CODE_TEMPLATES = [
 HELD_OUT_CODE_TEMPLATES = ["I need a small Python helper that {x}. Can you write it and show an example call?"]
 TRAIN_PAIR_TEMPLATES = ["Compare {x}.", "What is the difference between {x}?", "What are the pros and cons of {x}?"]
 HELD_OUT_PAIR_TEMPLATES = ["How do {x} differ?"]
-TRAIN_ACTIVITY_TEMPLATES = ["Give me three tips for {x}.", "What is a good plan for {x}?", "List some mistakes to avoid when {x}."]
+TRAIN_ACTIVITY_TEMPLATES = [
+    "Give me three tips for {x}.",
+    "What is a good plan for {x}?",
+    "List some mistakes to avoid when {x}.",
+]
 HELD_OUT_ACTIVITY_TEMPLATES = ["Any advice for {x}?"]
 
 TRAIN_FUNC_TEMPLATES = [
@@ -167,10 +217,6 @@ BIBLE_HELD_OUT = {"Ruth", "Jonah", "Jas"}
 
 def warn(msg: str) -> None:
     print(f"draft_prompts: {msg}", file=sys.stderr)
-
-
-def split_list(items: list[str]) -> list[str]:
-    return [s.strip() for s in items if s.strip()]
 
 
 def stable_bucket(key: str, n: int) -> int:
@@ -240,7 +286,9 @@ def bible_passages() -> Iterator[tuple[str, str]]:
             ["bible", "-l100000", f"{book}1:1-{book}{chapters}:999"], capture_output=True, text=True, check=False
         ).stdout
         # Verses are indented ("  3 And God said ..."); chapter headings ("1 Samuel 2") are not.
-        verses = [line.split(None, 1)[1] for line in out.splitlines() if line[:1] == " " and line.split(None, 1)[0].isdigit()]
+        verses = [
+            line.split(None, 1)[1] for line in out.splitlines() if line[:1] == " " and line.split(None, 1)[0].isdigit()
+        ]
         for i in range(0, len(verses), 8):
             yield book, " ".join(verses[i : i + 8])
 
@@ -280,27 +328,27 @@ def build(seed: int) -> tuple[list[dict], list[dict], list[dict]]:
     def add(split: list[dict], source: str, template: str, x: str) -> None:
         split.append({"source": source, "template": template, "prompt": template.replace("{x}", x)})
 
-    topics = split_list(TOPICS)
-    held_topics = set(rng.sample(topics, len(topics) // 8)) | set(split_list(HELD_OUT_TOPICS_EXTRA))
+    topics = TOPICS
+    held_topics = set(rng.sample(topics, len(topics) // 8)) | set(HELD_OUT_TOPICS_EXTRA)
     groups = [
         ("topic", topics, held_topics, TRAIN_TOPIC_TEMPLATES, HELD_OUT_TOPIC_TEMPLATES),
-        ("code", split_list(CODE_TASKS), set(split_list(HELD_OUT_CODE_TASKS)), TRAIN_CODE_TEMPLATES,
+        ("code", CODE_TASKS, set(HELD_OUT_CODE_TASKS), TRAIN_CODE_TEMPLATES,
          HELD_OUT_CODE_TEMPLATES),
-        ("compare", split_list(PAIRS), set(split_list(HELD_OUT_PAIRS)), TRAIN_PAIR_TEMPLATES, HELD_OUT_PAIR_TEMPLATES),
-        ("tips", split_list(ACTIVITIES), set(split_list(HELD_OUT_ACTIVITIES)), TRAIN_ACTIVITY_TEMPLATES,
+        ("compare", PAIRS, set(HELD_OUT_PAIRS), TRAIN_PAIR_TEMPLATES, HELD_OUT_PAIR_TEMPLATES),
+        ("tips", ACTIVITIES, set(HELD_OUT_ACTIVITIES), TRAIN_ACTIVITY_TEMPLATES,
          HELD_OUT_ACTIVITY_TEMPLATES),
     ]  # fmt: skip
     for name, items, held_items, train_t, held_t in groups:
-        for x in [*items, *(h for h in held_items if h not in items)]:
+        for x in [*items, *sorted(h for h in held_items if h not in items)]:
             if x in held_items:
                 for t in held_t:
                     add(held, name, t, x)
             else:
                 for t in train_t:
                     add(train, name, t, x)
-    for q in split_list(QUESTIONS):
+    for q in QUESTIONS:
         add(train, "question", "{x}", q)
-    for q in split_list(HELD_OUT_QUESTIONS):
+    for q in HELD_OUT_QUESTIONS:
         add(held, "question", "{x}", q)
 
     funcs: list[tuple[str, str]] = []
@@ -411,7 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         sources: dict[str, int] = {}
         for item in items:
             sources[item["source"]] = sources.get(item["source"], 0) + 1
-        print(f"{path}: {len(items)} items, {path.stat().st_size:,} bytes; " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())))
+        print(
+            f"{path}: {len(items)} items, {path.stat().st_size:,} bytes; "
+            + ", ".join(f"{k} {v}" for k, v in sorted(sources.items()))
+        )
     return 0
 
 

@@ -12,7 +12,7 @@ are run through in one prefill each (cheap extra signal); held-out prompts get g
 apart for evaluation.
 
     python -m tools.gen_draft_data --model SmolLM2-135M-Instruct.Q4_1.gguf --prompts data/draft \\
-        --out runs/draft/data.pt --device cuda --workers 8 --batch 128 --time-budget 240
+        --out runs/draft/data.pt --device cuda --workers 6 --batch 192 --time-budget 190
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class Job:
     temperature: float
     heldout: int
     batch: int
+    passes: int
     max_prompt: int
     max_text: int
     seed: int
@@ -208,7 +209,8 @@ def worker(job: Job) -> None:
     first = ([("held", i, x) for i, x in enumerate(held)] + [m[1:] for m in mixed])[job.rank :: job.n_workers]
     mine = list(enumerate(train))[job.rank :: job.n_workers]
     # Once every prompt has its reply, go round again with sampled replies (new contexts) until time is up.
-    again = (("train", i + rep * len(train), x) for rep in itertools.count(1) for i, x in mine)
+    passes = range(1, job.passes) if job.passes else itertools.count(1)
+    again = (("train", i + rep * len(train), x) for rep in passes for i, x in mine)
     queue = itertools.chain(first, again)
 
     batch = Batch(engine, n_slots, max(job.max_prompt + job.max_new, job.max_text))
@@ -324,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sampled-frac", type=float, default=0.3, help="share of train prompts answered by sampling")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--heldout", type=int, default=64, help="held-out prompts to answer greedily (for evaluation)")
-    ap.add_argument("--batch", type=int, default=None, help="sequences decoded together per worker (cuda 128, cpu 8)")
+    ap.add_argument("--batch", type=int, default=None, help="sequences decoded together per worker (cuda 192, cpu 8)")
+    ap.add_argument("--passes", type=int, default=0, help="passes over the train prompts (0: until time is up)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     model = args.model or default_target()
@@ -337,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--device cuda but CUDA is not available")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = args.threads or (1 if args.device.startswith("cuda") else max(1, cores // args.workers))
-    batch = args.batch or (128 if args.device.startswith("cuda") else 8)
+    batch = args.batch or (192 if args.device.startswith("cuda") else 8)
     parts_dir = args.out.parent / (args.out.stem + ".parts")
     parts_dir.mkdir(parents=True, exist_ok=True)
     for old in parts_dir.glob("part-*.pt"):
@@ -346,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = t0 + args.time_budget
     jobs = [
         Job(r, args.workers, str(model), str(args.prompts), str(parts_dir), args.device, threads, deadline,
-            args.max_new, args.top_k, args.sampled_frac, args.temperature, args.heldout, batch,
+            args.max_new, args.top_k, args.sampled_frac, args.temperature, args.heldout, batch, args.passes,
             args.max_prompt, args.max_text, args.seed)
         for r in range(args.workers)
     ]  # fmt: skip

@@ -149,7 +149,11 @@ class Draft(nn.Module):
         self.register_buffer("inv_freq", inv.float(), persistent=False)
         for name, p in self.named_parameters():
             if p.ndim == 2 and "embed" not in name:
-                nn.init.normal_(p, std=0.02 / (math.sqrt(2 * c.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1))
+                nn.init.normal_(
+                    p,
+                    std=0.02
+                    / (math.sqrt(2 * c.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1),
+                )
         nn.init.normal_(self.model.embed_tokens.weight, std=0.02)
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -211,7 +215,9 @@ def read_data(paths: list[Path]) -> dict[str, Tensor]:
         p.update({k: p[k][keep] for k in ("n_prompt", "kind", "split")})
         p.update({k: p[k][rows] for k in ("tokens", "topk_ids", "topk_probs")})
         p["offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), lengths[keep].cumsum(0)])
-    out = {k: torch.cat([p[k] for p in packs]) for k in ("tokens", "n_prompt", "kind", "split", "topk_ids", "topk_probs")}
+    out = {
+        k: torch.cat([p[k] for p in packs]) for k in ("tokens", "n_prompt", "kind", "split", "topk_ids", "topk_probs")
+    }
     lengths = torch.cat([p["offsets"].diff() for p in packs])
     out["offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
     return out
@@ -355,7 +361,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    cfg = DraftConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads, ffn_dim=args.ffn)
+    from tandem.engine.gguf_file import read_gguf
+
+    vocab = read_gguf(args.target).tensors["token_embd.weight"].shape[0]
+    cfg = DraftConfig(
+        vocab_size=vocab,
+        dim=args.dim,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        n_kv_heads=args.kv_heads,
+        ffn_dim=args.ffn,
+    )
     model = Draft(cfg)
     step0 = 0
     if args.resume:
