@@ -73,7 +73,9 @@ class Int4Weight(nn.Module):
             scale = torch.cat((scale, scale.new_zeros(pad, k // GROUP)))
             zero = torch.cat((zero, zero.new_zeros(pad, k // GROUP)))
         if q.device.type == "cpu":
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+            # The CPU layout is row by row: pack in slices so the int32 staging copy stays small.
+            pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+            packed = torch.cat([pack(q[i : i + 4096].to(torch.int32), 2) for i in range(0, q.shape[0], 4096)])
         else:
             tiles = 8 if k % (8 * 16) == 0 else 4 if k % (4 * 16) == 0 else 2
             pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
@@ -125,8 +127,7 @@ def _int4_codes(raw: Tensor, qtype: T, shape: tuple[int, int]) -> list[tuple[Ten
         return [(q, scale, mn + 8 * scale)]
     if qtype == T.Q8_0:
         q8, s = unpack_q8_0(raw, shape)
-        q16 = q8.to(torch.int16)
-        hi, lo = ((q16 >> 4) + 8).to(torch.uint8), (q16 & 15).to(torch.uint8)  # q8 = 16 * (hi - 8) + lo
+        hi, lo = ((q8 >> 4) + 8).to(torch.uint8), (q8 & 15).to(torch.uint8)  # q8 = 16 * (hi - 8) + lo
         return [(hi, 16 * s, torch.zeros_like(s)), (lo, s, 8 * s)]
     raise ValueError(f"{qtype.name} cannot stay quantized")
 
