@@ -27,14 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import gguf
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tandem.engine import moe
 from tandem.engine.runtime import cpu_moe_rules, load_engine
-from tools.write_gguf import random_model, write_gguf
+from tools.write_gguf import random_model, write_gguf, write_tiny_tokenizer
 
 KS = (1, 2, 4, 8, 16)
 QWEN3_30B_A3B = dict(
@@ -42,26 +41,6 @@ QWEN3_30B_A3B = dict(
     num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
     norm_topk_prob=True, max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
 )  # fmt: skip
-
-
-def write_tokenizer(path: Path, vocab: int = 512) -> Path:
-    """A byte-level BPE vocabulary of `vocab` tokens (the benchmark's model has a tiny head)."""
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    alphabet = [chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 173)] + [chr(c) for c in range(174, 256)]
-    alphabet += [chr(256 + i) for i in range(256 - len(alphabet))]
-    letters = "etaoinshrdlucmfw"
-    merges = [f"{a} {b}" for a in letters for b in letters][: vocab - 3 - len(alphabet)]
-    w.add_token_list(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *alphabet, *(m.replace(" ", "") for m in merges)])
-    w.add_token_types([3, 3, 3] + [1] * (vocab - 3))
-    w.add_token_merges(merges)
-    w.add_eos_token_id(2)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def anon_bytes() -> int:
@@ -143,7 +122,7 @@ def main() -> int:
 
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        tok = write_tokenizer(Path(tmp) / "tok.gguf")
+        tok = write_tiny_tokenizer(Path(tmp) / "tok.gguf")
         for qtype in args.qtypes:
             t0 = time.perf_counter()
             path = write_gguf(random_model(cfg, meta=True), Path(tmp) / f"moe-{qtype}.gguf", dtype=qtype,

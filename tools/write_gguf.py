@@ -78,6 +78,27 @@ def default_tokenizer_source() -> Path:
     return path
 
 
+def write_tiny_tokenizer(path: str | Path, vocab: int = 512) -> Path:
+    """A GGUF holding only a byte-level BPE vocabulary of `vocab` tokens: three specials, the 256 byte
+    symbols, then two-letter merges. Small test models borrow it, so files stay small and load fast."""
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    alphabet = [chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 173)] + [chr(c) for c in range(174, 256)]
+    alphabet += [chr(256 + i) for i in range(256 - len(alphabet))]
+    letters = "etaoinshrdlucmfw"
+    merges = [f"{a} {b}" for a in letters for b in letters][: vocab - 3 - len(alphabet)]
+    w.add_token_list(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *alphabet, *(m.replace(" ", "") for m in merges)])
+    w.add_token_types([3, 3, 3] + [1] * (vocab - 3))
+    w.add_token_merges(merges)
+    w.add_eos_token_id(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def write_gguf(
     source: torch.nn.Module | tuple[Mapping[str, torch.Tensor], Any],
     path: str | Path,
