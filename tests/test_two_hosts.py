@@ -173,7 +173,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
     if reason := _skip_reason():
         pytest.skip(reason)
     workdir = tmp_path_factory.mktemp("two-hosts")
-    draft_model, target_model = write_pair(workdir)
+    draft_model, target_model = write_pair(workdir, target_layers=16)
     token_file = workdir / "token"
     token_file.write_text(TOKEN + "\n")
     tag = str(os.getpid() % 100000)
