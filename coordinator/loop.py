@@ -722,7 +722,7 @@ class Coordinator:
                     except NodeError as exc:
                         raise TargetError(f"target node {self.target.url}: {exc}") from None
                     t_held = len(ctx) - 1
-                t_decode = time.perf_counter()
+                t_decode = t_prev = time.perf_counter()
                 stats.prefill_s = t_decode - t_start
 
                 while True:
@@ -756,8 +756,8 @@ class Coordinator:
                                 use_draft = not self._draft_failed(stats, exc, k) and use_draft
                                 stats.fallback_rounds += 1
                                 block, dists, k = [], [], 0
+                    alpha = tuner.alpha(state)
                     if (costs := tuner.costs()) is not None:
-                        alpha = tuner.alpha(state)
                         stats.predicted_tokens += expected_tokens(alpha, k)
                         stats.predicted_time += round_time(costs, k, mode, alpha)
 
@@ -809,6 +809,8 @@ class Coordinator:
                     tuner.record_verify(k, vrep.timing.compute_ns / 1e9, vwall)
                     tuner.record_acceptance(state, k, n)
                     now = time.perf_counter()
+                    tuner.record_round_time(k, now - t_prev, mode, alpha)
+                    t_prev = now
                     stats.rounds += 1
                     stats.k_hist[k] += 1
                     stats.drafted += k

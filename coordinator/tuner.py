@@ -3,7 +3,10 @@
 Measurements feed the cost model (tandem.cost_model): draft compute as overhead + per_token*k and
 target verify compute as a + b*k, both fitted by exponentially forgotten least squares; link times
 as EWMAs of reply wall time minus node-reported compute; acceptance as Beta counts, a global prior
-shared by all requests plus each request's own counts. choose_k maximises predicted tokens/s.
+shared by all requests plus each request's own counts; and what rounds cost beyond all that, as EWMAs
+of each round's wall time minus the model's, apart for target-only and speculative rounds (the model's
+blind spots: the draft catching up after target-only stretches, the coordinator's own work).
+choose_k maximises predicted tokens/s.
 
 Two kinds of exploration keep the estimates alive. While speculating, every dither_every-th round
 drafts one token more or fewer, so the linear fits keep seeing more than one k. While the target
@@ -18,7 +21,7 @@ Not thread-safe: call from the coordinator's event loop.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tandem.cost_model import Costs, Mode, best_k, expected_tokens, round_time, tokens_per_second
 
@@ -83,6 +86,7 @@ class Tuner:
         request_prior_strength: float = 32.0,
         fit_decay: float = 0.99,
         rtt_smoothing: float = 0.1,
+        overhead_smoothing: float = 0.01,
         global_decay: float = 0.999,
         request_decay: float = 0.98,
         dither_every: int = 16,
@@ -97,7 +101,7 @@ class Tuner:
         # starts at the global estimate and owns its estimate after a few rounds of its own.
         self.prior_alpha, self.prior_strength = prior_alpha, prior_strength
         self.request_prior_strength = request_prior_strength
-        self.rtt_smoothing = rtt_smoothing
+        self.rtt_smoothing, self.overhead_smoothing = rtt_smoothing, overhead_smoothing
         self.global_decay, self.request_decay = global_decay, request_decay
         self.dither_every, self.probe_budget = dither_every, probe_budget
         # Drafting time is mostly per token: pull the overhead toward 0 until k varies.
@@ -108,6 +112,8 @@ class Tuner:
         self.verify_fit = LinearFit(fit_decay, prior_b=0.0)
         self.rtt_draft: float | None = None
         self.rtt_target: float | None = None
+        self.extra_alone: float | None = None  # round wall time beyond the model, k = 0
+        self.extra_spec: float | None = None  # the same, k > 0
         self.global_accepted = 0.0
         self.global_rejected = 0.0
         self.rounds = 0
@@ -134,6 +140,22 @@ class Tuner:
         self.verify_fit.add(k, compute_s)
         if wall_s is not None:
             self.rtt_target = self._rtt(self.rtt_target, wall_s, compute_s)
+
+    def record_round_time(self, k: int, wall_s: float, mode: Mode = "sequential", alpha: float | None = None) -> None:
+        """A round's wall time, end to end (from the previous round's end: the caller's work between rounds
+        counts). Its excess over the model's calls feeds round_overhead or spec_overhead."""
+        costs = self.costs()
+        if costs is None:
+            return
+        base = round_time(
+            replace(costs, round_overhead=0.0, spec_overhead=0.0), k, mode, self.alpha() if alpha is None else alpha
+        )
+        extra = min(wall_s - base, 2.0 * base)  # one stall (GC, a slow client) must not swamp the estimate
+        s = self.overhead_smoothing
+        if k == 0:
+            self.extra_alone = extra if self.extra_alone is None else self.extra_alone + s * (extra - self.extra_alone)
+        else:
+            self.extra_spec = extra if self.extra_spec is None else self.extra_spec + s * (extra - self.extra_spec)
 
     def record_acceptance(self, request: RequestState, k: int, n_accepted: int) -> None:
         """n_accepted of k proposed; a round that stops short also saw one rejection.
@@ -189,6 +211,7 @@ class Tuner:
         draft, verify = self.draft_fit.coefficients(), self.verify_fit.coefficients()
         if draft is None or verify is None:
             return None
+        alone = max(self.extra_alone or 0.0, 0.0)
         return Costs(
             rtt_draft=self.rtt_draft or 0.0,
             rtt_target=self.rtt_target or 0.0,
@@ -196,6 +219,10 @@ class Tuner:
             draft_overhead=max(draft[0], 0.0),
             verify_intercept=max(verify[0], 1e-9),
             verify_slope=max(verify[1], 0.0),
+            round_overhead=alone,
+            # 0 until a speculative round was timed, so speculation gets tried. Smoothed slowly: a pipelined
+            # round's time swings with its bet, and a dip would make probes look cheap.
+            spec_overhead=(self.extra_spec or 0.0) - alone,
         )
 
     def predicted_tps(

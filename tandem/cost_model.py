@@ -12,6 +12,11 @@ the guess are accepted, probability alpha^(k+1); the next block is then ready an
 max(D, V). Otherwise the next block is drafted after the verdict and the round costs D + V, where
 D = rtt_d + draft_overhead + k*draft_per_token and V = rtt_t + a + b*k. So
 T_pipe(k) = w*max(D, V) + (1 - w)*(D + V) with w = alpha^(k+1), and T_pipe(0) = T(0).
+
+Every round also pays round_overhead (the coordinator's own work: bookkeeping, streaming the tokens out),
+and a speculative round spec_overhead on top: what such rounds measurably cost beyond the terms above
+(the draft catching up after target-only rounds, a second call on a shared host). The tuner measures
+both from rounds' wall times; they are what keeps a marginal draft from costing throughput.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class Costs:
     draft_overhead: float  # draft compute per call (catching up on the committed delta, dispatch)
     verify_intercept: float  # a: target compute to verify 0 drafts (one decode step)
     verify_slope: float  # b: extra target compute per draft token verified
+    round_overhead: float = 0.0  # wall time of any round beyond its calls
+    spec_overhead: float = 0.0  # extra wall time of a round with k > 0 beyond that (may be negative)
 
 
 def _check_alpha(alpha: float) -> float:
@@ -82,12 +89,17 @@ def round_time(costs: Costs, k: int, mode: Mode = "sequential", alpha: float | N
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     d, v = draft_side(costs, k), verify_side(costs, k)
-    if mode == "sequential" or k == 0:
-        return d + v
-    if alpha is None:
+    if k == 0:
+        return v + costs.round_overhead
+    if mode == "sequential":
+        t = d + v
+    elif alpha is None:
         raise ValueError("pipelined round time needs the acceptance rate alpha")
-    w = _check_alpha(alpha) ** (k + 1)
-    return w * max(d, v) + (1.0 - w) * (d + v)
+    else:
+        w = _check_alpha(alpha) ** (k + 1)
+        t = w * max(d, v) + (1.0 - w) * (d + v)
+    # A negative spec_overhead (rounds measured cheaper than the terms say) never beats the target call alone.
+    return max(t + costs.spec_overhead, v) + costs.round_overhead
 
 
 def tokens_per_second(alpha: float, k: int, costs: Costs, mode: Mode = "sequential") -> float:
