@@ -39,8 +39,10 @@ def median_ms(fn: Callable[[], None], reps: int, sync: Callable[[], None] = lamb
     return statistics.median(times)
 
 
-def bench_tandem(path: Path, device: str, dtype: str, weights: str, compile: bool, reps: int) -> dict[int, float]:
-    eng = load_engine(path, device=device, dtype=dtype, weights=weights, compile=compile)
+def bench_tandem(
+    path: Path, device: str, dtype: str, weights: str, compile: bool, reps: int, threads: int | None
+) -> dict[int, float]:
+    eng = load_engine(path, device=device, dtype=dtype, weights=weights, compile=compile, threads=threads)
     seq = eng.new_sequence(CONTEXT + 64)
     seq.forward([(i * 7919) % 1000 + 100 for i in range(CONTEXT)])
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -123,7 +125,9 @@ def main() -> None:
         configs += [("tandem bf16 int4 eager", "bfloat16", "quantized", False)]
         configs += [("tandem bf16 dequantized", "bfloat16", "dequantized", False)]
         for name, dtype, weights, comp in configs:
-            rows.append((name, threads, bench_tandem(path, args.device, dtype, weights, comp, args.reps)))
+            rows.append(
+                (name, threads, bench_tandem(path, args.device, dtype, weights, comp, args.reps, threads or None))
+            )
             print(rows[-1], flush=True)
             if threads:
                 torch.set_num_threads(threads)
