@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tandem.engine.qlinear import Linear
+from tandem.engine.qlinear import Linear, raw_rows
 
 MOE_ARCHS = ("qwen2moe", "qwen3moe", "deepseek2")
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", *MOE_ARCHS)
@@ -220,7 +220,11 @@ def attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> T
 
 
 class Embedding(nn.Module):
-    """Token embeddings; quantized rows are dequantized only for the tokens looked up."""
+    """Token embeddings; quantized rows are dequantized only for the tokens looked up.
+
+    Tied to a packed output head (`head`), the table is not held twice: `rows` keeps only each block's
+    header bytes and the codes are read back from the head's int4 packing (qlinear.raw_rows).
+    """
 
     def __init__(
         self,
@@ -229,18 +233,21 @@ class Embedding(nn.Module):
         qtype: int = 0,
         dim: int = 0,
         dtype=torch.float32,
+        head: Linear | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
-        self.register_buffer("rows", rows)  # raw GGUF bytes, one row of blocks per token
+        self.register_buffer("rows", rows)  # raw GGUF bytes, one row of blocks per token (headers only if head)
         self.qtype, self.dim, self.dtype = qtype, dim, dtype
+        self.head = head
 
     def forward(self, tokens: Tensor) -> Tensor:
         if self.weight is not None:
             return F.embedding(tokens, self.weight)
         from tandem.engine.quants import dequantize_blocks
 
-        return dequantize_blocks(self.rows[tokens], self.qtype, (tokens.shape[0], self.dim), self.dtype)
+        rows = self.rows[tokens] if self.head is None else raw_rows(self.head, self.qtype, self.rows, tokens)
+        return dequantize_blocks(rows, self.qtype, (tokens.shape[0], self.dim), self.dtype)
 
 
 class Block(nn.Module):

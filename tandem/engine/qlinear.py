@@ -4,9 +4,15 @@ Q4_0, Q4_1 and Q4_K are 4-bit codes with one scale and one offset per 32 weights
 weight-only format (group size 32, w = (q - 8) * scale + zero). Q8_0 splits exactly into two such
 4-bit matrices (q8 = 16 * hi + lo), so it rides the same kernel at the same bytes per weight.
 Everything else is dequantized at load.
+
+A tied token embedding is held only once, by the output head: its rows are read back out of the packed
+codes (CPU layout) and rebuilt into GGUF blocks with the block headers kept aside, so the lookup
+dequantizes exactly the bytes the file holds.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +20,11 @@ from gguf import GGMLQuantizationType as T
 from torch import Tensor, nn
 
 GROUP = 32
+SLICE = 1024  # rows unpacked and packed at a time: a multiple of every packing's row block
 INT4_TYPES = (T.Q4_0, T.Q4_1, T.Q4_K)
 PACKED_TYPES = (*INT4_TYPES, T.Q8_0)
+# Bytes at the start of each GGUF block that are not codes (fp16 scales, mins, 6-bit sub-block scales).
+HEADER_BYTES = {T.Q4_0: 2, T.Q4_1: 4, T.Q4_K: 16, T.Q8_0: 2}
 
 
 def _f16(b: Tensor) -> Tensor:
@@ -58,32 +67,109 @@ def unpack_q8_0(raw: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
     return b[..., 2:].contiguous().view(torch.int8).reshape(n, k), _f16(b[..., :2])
 
 
+@functools.cache
+def cpu_layout() -> tuple[int, bool] | None:
+    """How torch's CPU int4 packing orders rows here: (rows per block, full blocks split in halves), or None.
+
+    It depends on the vector ISA torch dispatches to (AVX512: 64 rows, row r and r + 32 share a byte;
+    AVX2: 32 rows, r and r + 16; otherwise 32 rows, r and r + 1); within a block, column k's bytes are
+    contiguous, and a short last block pairs neighbouring rows. A probe packed here picks the candidate.
+    """
+    n, k = 176, 64  # two full blocks of 64 and a short one, or five of 32 and a short one
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    rows = torch.arange(n)
+    for layout in ((64, True), (32, True), (32, False), (64, False), (16, False), (128, True), (128, False)):
+        if torch.equal(gather_codes([packed], k, rows, layout)[0].to(torch.int32), q):
+            return layout
+    return None
+
+
+def gather_codes(packed: list[Tensor], k: int, rows: Tensor, layout: tuple[int, bool]) -> list[Tensor]:
+    """The 4-bit codes of output rows `rows` of same-shaped CPU-packed [N, K/2] matrices: uint8 [len(rows), K]."""
+    block, halves = layout
+    blk, r = rows // block, rows % block
+    nb = (packed[0].shape[0] - blk * block).clamp(max=block)  # rows in this block (the last may be short)
+    if halves:
+        full = nb == block
+        byte = torch.where(full, r % (block // 2), r // 2)
+        shift = torch.where(full, r // (block // 2), r % 2)
+    else:
+        byte, shift = r // 2, r % 2
+    idx = (blk * (block * k // 2) + byte)[:, None] + torch.arange(k, device=rows.device) * (nb // 2)[:, None]
+    shift = (4 * shift[:, None]).to(torch.uint8)
+    return [(p.view(-1)[idx] >> shift) & 15 for p in packed]
+
+
 class Int4Weight(nn.Module):
-    """One int4-packed matrix; y = x @ W.T where W = (q - 8) * scale + zero per 32-wide group."""
+    """One int4-packed matrix; y = x @ W.T where W = (q - 8) * scale + zero per 32-wide group.
+
+    Built whole, or empty and then filled a slice of rows at a time (packed_linear), so that a big
+    tensor's unpacked codes never exist at once: both packings lay rows out block by block.
+    """
 
     def __init__(self, q: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype) -> None:
         super().__init__()
-        n, k = q.shape
+        self._allocate(q.shape[0], q.shape[1], dtype, q.device)
+        self.fill(0, q, scale, zero)
+
+    @classmethod
+    def empty(cls, n: int, k: int, dtype: torch.dtype, device: torch.device) -> Int4Weight:
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._allocate(n, k, dtype, device)
+        return self
+
+    def _allocate(self, n: int, k: int, dtype: torch.dtype, device: torch.device) -> None:
         if k % GROUP:
             raise ValueError(f"int4 weights need rows that are a multiple of {GROUP}, got {k}")
         self.out_features, self.in_features = n, k
-        pad = -n % 16  # the packing kernels want N a multiple of 16; padded rows are zero weights
-        if pad:
+        n_pad = n + -n % 16  # the packing kernels want N a multiple of 16; padded rows are zero weights
+        # Allocated by the first fill: its shape is the kernel's (dim 0 goes with the rows on CPU and CUDA).
+        self.register_buffer("packed", None)
+        if device.type == "cpu":
+            self.layout = cpu_layout()
+        else:
+            self.tiles = 8 if k % (8 * 16) == 0 else 4 if k % (4 * 16) == 0 else 2
+            self.layout = None  # tiled for the tensor cores: rows are not read back
+        # The CUDA kernel takes bfloat16 activations and scales only; the CPU one takes the compute dtype.
+        sz_dtype = dtype if device.type == "cpu" else torch.bfloat16
+        self.register_buffer("scales_zeros", torch.empty(k // GROUP, n_pad, 2, dtype=sz_dtype, device=device))
+
+    def fill(self, start: int, q: Tensor, scale: Tensor, zero: Tensor) -> None:
+        """Pack rows start.. (start a multiple of SLICE; the slice that ends the matrix also pads it)."""
+        n, k = self.out_features, self.in_features
+        stop = start + q.shape[0]
+        if start % SLICE or q.shape[1] != k or stop > n:
+            raise ValueError(f"rows {start}..{stop} of {k} do not fit an int4 matrix of {n} x {k}")
+        if stop == n and (pad := self.packed_rows - n):
             q = torch.cat((q, torch.full((pad, k), 8, dtype=q.dtype, device=q.device)))
             scale = torch.cat((scale, scale.new_zeros(pad, k // GROUP)))
             zero = torch.cat((zero, zero.new_zeros(pad, k // GROUP)))
-        if q.device.type == "cpu":
-            # The CPU layout is row by row: pack in slices so the int32 staging copy stays small.
-            pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
-            packed = torch.cat([pack(q[i : i + 4096].to(torch.int32), 2) for i in range(0, q.shape[0], 4096)])
-        else:
-            tiles = 8 if k % (8 * 16) == 0 else 4 if k % (4 * 16) == 0 else 2
-            pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-            packed = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
-        self.register_buffer("packed", packed)
-        # The CUDA kernel takes bfloat16 activations and scales only; the CPU one takes the compute dtype.
-        sz_dtype = dtype if q.device.type == "cpu" else torch.bfloat16
-        self.register_buffer("scales_zeros", torch.stack((scale.t(), zero.t()), dim=-1).contiguous().to(sz_dtype))
+        end = start + q.shape[0]
+        self.scales_zeros[:, start:end] = torch.stack((scale.t(), zero.t()), dim=-1)
+        for i in range(0, q.shape[0], SLICE):  # in slices, so the int32 staging copy stays small
+            rows = q[i : i + SLICE]
+            if q.device.type == "cpu":
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows.to(torch.int32), 2)
+            else:
+                pairs = (rows[:, ::2] << 4 | rows[:, 1::2]).to(torch.uint8)
+                packed = torch.ops.aten._convert_weight_to_int4pack(pairs, self.tiles)
+            per, r = packed.shape[0], rows.shape[0]
+            if self.packed is None:
+                self.packed = packed.new_empty((self.packed_rows * per // r, *packed.shape[1:]))
+            at = (start + i) * per // r
+            self.packed[at : at + per] = packed
+        if self.layout is not None:  # rows that do not read back as packed are never read back
+            probe = torch.tensor([0, q.shape[0] - 1])
+            got = gather_codes([self.packed], k, probe + start, self.layout)[0]
+            if not torch.equal(got, q[probe].to(got.device)):
+                self.layout = None
+
+    @property
+    def packed_rows(self) -> int:
+        return self.scales_zeros.shape[1]
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -133,10 +219,57 @@ def _int4_codes(raw: Tensor, qtype: T, shape: tuple[int, int]) -> list[tuple[Ten
 
 
 def packed_linear(raws: list[Tensor], qtype: T, shapes: list[tuple[int, int]], dtype: torch.dtype) -> Linear:
-    """One Linear for several same-typed GGUF tensors stacked along the output dim (fused q/k/v, gate/up)."""
-    per_tensor = [_int4_codes(r, qtype, s) for r, s in zip(raws, shapes, strict=True)]
-    parts = []
-    for i in range(len(per_tensor[0])):
-        q, scale, zero = (torch.cat([p[i][j] for p in per_tensor]) for j in range(3))
-        parts.append(Int4Weight(q, scale, zero, dtype))
+    """One Linear for several same-typed GGUF tensors stacked along the output dim (fused q/k/v, gate/up).
+
+    Unpacked and packed SLICE rows at a time: the loader's scratch is a slice's codes, not the tensor's.
+    """
+    k = shapes[0][1]
+    if any(s[1] != k for s in shapes):
+        raise ValueError(f"cannot stack tensors of different row lengths {[s[1] for s in shapes]}")
+    n = sum(s[0] for s in shapes)
+    blocks = [r.view(s[0], -1) for r, s in zip(raws, shapes, strict=True)]  # one row of GGUF blocks per row
+    parts: list[Int4Weight] = []
+    for start in range(0, n, SLICE):
+        stop = min(start + SLICE, n)
+        pieces, first = [], 0  # this slice's rows of each stacked tensor
+        for b in blocks:
+            lo, hi = max(start, first) - first, min(stop, first + b.shape[0]) - first
+            if lo < hi:
+                pieces.append(_int4_codes(b[lo:hi].reshape(-1), qtype, (hi - lo, k)))
+            first += b.shape[0]
+        if not parts:
+            parts = [Int4Weight.empty(n, k, dtype, raws[0].device) for _ in pieces[0]]
+        for i, part in enumerate(parts):
+            q, scale, zero = (
+                pieces[0][i][j] if len(pieces) == 1 else torch.cat([p[i][j] for p in pieces]) for j in range(3)
+            )
+            part.fill(start, q, scale, zero)
     return Linear(parts)
+
+
+def can_rebuild_rows(lin: Linear) -> bool:
+    """Whether raw_rows can read this Linear's rows back (packed on the CPU in a layout it knows, no bias)."""
+    return lin.parts is not None and lin.bias is None and all(p.layout is not None for p in lin.parts)
+
+
+def raw_rows(lin: Linear, qtype: T, headers: Tensor, rows: Tensor) -> Tensor:
+    """The GGUF bytes of rows `rows` of the tensor packed in `lin`, from its codes and the kept headers.
+
+    The inverse of _int4_codes: Q8_0 bytes are (hi - 8) * 16 + lo; 4-bit codes go back in pairs, element j
+    with j + 16 of a 32-block for Q4_0/Q4_1, sub-block 2i with 2i + 1 of a 256-block for Q4_K.
+    """
+    m, n_blocks = rows.shape[0], headers.shape[1]
+    first = lin.parts[0]
+    parts = gather_codes([p.packed for p in lin.parts], first.in_features, rows, first.layout)
+    if qtype == T.Q8_0:
+        hi, lo = parts
+        codes = ((hi << 4 | lo) ^ 0x80).view(m, n_blocks, 32)
+    elif qtype == T.Q4_K:
+        c = parts[0].view(m, n_blocks, 4, 2, 32)
+        codes = (c[..., 0, :] | c[..., 1, :] << 4).view(m, n_blocks, 128)
+    elif qtype in (T.Q4_0, T.Q4_1):
+        c = parts[0].view(m, n_blocks, 2, 16)
+        codes = c[..., 0, :] | c[..., 1, :] << 4
+    else:
+        raise ValueError(f"{qtype.name} rows are not rebuilt from int4 codes")
+    return torch.cat((headers[rows], codes), dim=-1).view(m, -1)

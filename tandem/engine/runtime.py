@@ -12,18 +12,20 @@ import logging
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as GT
 from torch import Tensor
 
 from tandem.engine.gguf_file import GGUFFile, TensorInfo, read_gguf
 from tandem.engine.model import MOE_ARCHS, Block, Embedding, ModelConfig, Transformer, rope_tables
-from tandem.engine.qlinear import PACKED_TYPES, Linear, packed_linear
+from tandem.engine.qlinear import HEADER_BYTES, PACKED_TYPES, Linear, can_rebuild_rows, packed_linear
 from tandem.engine.quants import dequantize
 from tandem.engine.tokenizer import Tokenizer
 
@@ -103,6 +105,7 @@ class Engine:
     input_device: torch.device | None = None  # where token ids go (the embedding's device)
     step: Callable[[Tensor, int, list[tuple[Tensor, Tensor]]], Tensor] | None = None  # the (compiled) forward
     cuda_graphs: bool = False  # decode/verify blocks replay captured graphs (one CUDA device only)
+    pool: list[Sequence] = field(default_factory=list)  # released sequences, reused by new ones
 
     def compile(self) -> float:
         """Compile the forward (sizes symbolic, so one graph serves every k and length); returns seconds."""
@@ -123,6 +126,10 @@ class Engine:
 
     def new_sequence(self, max_len: int | None = None) -> Sequence:
         n = min(max_len or self.config.context_length, self.config.context_length)
+        for i, seq in enumerate(self.pool):
+            if seq.max_len == n:
+                del self.pool[i]
+                return seq
         cfg = self.config
         caches = []
         v_dim = 0 if cfg.kv_lora_rank else cfg.head_dim  # MLA caches one latent row per token (moe.py)
@@ -135,10 +142,19 @@ class Engine:
             )
         return Sequence(self, caches, n)
 
+    def release(self, seq: Sequence) -> None:
+        """Keep a finished sequence's cache, and the CUDA graphs captured on it, for the next new_sequence:
+        capturing a session's graphs costs far more than its decode steps. Stale cache rows are harmless
+        (positions past the length are masked, and overwritten before use). Call from the forward thread."""
+        seq.truncate(0)
+        if len(self.pool) < POOL_SIZE and seq.engine is self:
+            self.pool.append(seq)
+
 
 # CUDA graphs serve blocks up to a verify of k = 16 (17 tokens), padded up to one of these sizes so a
 # session captures at most six graphs; longer blocks (prompts) run eagerly.
 GRAPH_SIZES = (1, 2, 3, 5, 9, 17)
+POOL_SIZE = 4  # released sequences kept for reuse (a cache and its graphs each)
 
 
 @dataclass
@@ -223,6 +239,13 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def _mapped(gf: GGUFFile, name: str, dev: torch.device) -> Tensor:
+    """A tensor's raw bytes: on the CPU a view of the mapped file (read, never written), not an anonymous copy."""
+    with warnings.catch_warnings():  # torch warns that the read-only map is not writable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(gf.raw(name)).to(dev)
+
+
 def _layer_of(name: str) -> int | None:
     return int(name.split(".")[1]) if name.startswith("blk.") else None
 
@@ -258,12 +281,12 @@ def load_engine(
     model.layer_devices = [p[0] for p in place.layers]
 
     dequantized = _load_weights(gf, model, place, tdtype, weights == "quantized")
-    _trim_heap()
     freq_factors = None
     if "rope_freqs.weight" in gf.tensors:
         t = gf.tensors["rope_freqs.weight"]
         freq_factors = dequantize(gf.raw(t.name), t.ggml_type, t.shape)
     model.cos, model.sin = (t.to(place.embed) for t in rope_tables(cfg, cfg.context_length, freq_factors))
+    _trim_heap()  # after the rope tables too: their float64 scratch would stay in the heap
     if dequantized:
         log.info("dequantized at load (no packed kernel for their type): %s", ", ".join(dequantized))
     name = str(gf.metadata.get("general.name", Path(path).stem))
@@ -365,7 +388,7 @@ def _load_weights(
         b = torch.cat([dense(n, dev) for n in bias]) if bias else None
         qtypes = {t.ggml_type for t in infos}
         if quantized and len(qtypes) == 1 and infos[0].ggml_type in PACKED_TYPES:
-            raws = [torch.from_numpy(np.array(gf.raw(n))).to(dev) for n in names]
+            raws = [_mapped(gf, n, dev) for n in names]
             lin = packed_linear(raws, infos[0].ggml_type, [t.shape for t in infos], dtype)
             lin.bias = b
             return lin
@@ -378,18 +401,22 @@ def _load_weights(
         return Linear(torch.cat([dense(n, dev) for n in names]), b)
 
     emb = info("token_embd.weight")
-    if quantized and emb.ggml_type not in (GT.F32, GT.F16, GT.BF16):
-        rows = torch.from_numpy(np.array(gf.raw(emb.name))).to(first).view(emb.shape[0], -1)
-        model.embed = Embedding(None, rows, int(emb.ggml_type), emb.shape[1], dtype)
-    else:
-        model.embed = Embedding(dense(emb.name, first))
+    tied = "output.weight" not in gf.tensors
+    quant_emb = quantized and emb.ggml_type not in (GT.F32, GT.F16, GT.BF16)
     model.output_norm = dense("output_norm.weight", last)
-    if "output.weight" in gf.tensors:
-        model.output = linear(["output.weight"], last)
-    elif model.embed.weight is not None and first == last:
+    if tied and first == last and quant_emb:  # the head holds the table; the embedding reads its rows there
+        model.output = linear([emb.name], last)
+        model.embed = _tied_embedding(gf, emb, model.output, first, dtype)
+    elif tied and first == last:
+        model.embed = Embedding(dense(emb.name, first))
         model.output = Linear(model.embed.weight)  # tied embeddings share storage
     else:
-        model.output = linear([emb.name], last)
+        if quant_emb:
+            rows = torch.from_numpy(np.array(gf.raw(emb.name))).to(first).view(emb.shape[0], -1)
+            model.embed = Embedding(None, rows, int(emb.ggml_type), emb.shape[1], dtype)
+        else:
+            model.embed = Embedding(dense(emb.name, first))
+        model.output = linear([emb.name] if tied else ["output.weight"], last)
     for i, blk in enumerate(model.layers):
         if not isinstance(blk, Block):
             from tandem.engine.moe import load_block
@@ -409,3 +436,22 @@ def _load_weights(
             blk.q_norm = dense(p + "attn_q_norm.weight", dev)
             blk.k_norm = dense(p + "attn_k_norm.weight", dev)
     return dequantized
+
+
+def _tied_embedding(gf: GGUFFile, emb: TensorInfo, head: Linear, dev: torch.device, dtype: torch.dtype) -> Embedding:
+    """The embedding of a quantized table tied to the head: its lookups give, bit for bit, the file's rows.
+
+    The head holds the table; the embedding keeps only each block's header bytes (scales, mins) and reads
+    the codes back out of the head's CPU int4 packing. CUDA's tiled packing is not read back: the file's
+    rows are kept beside it there.
+    """
+    if head.parts is None:  # dequantized at load (no packed kernel for its type): the same values
+        return Embedding(head.weight)
+    n, k = emb.shape
+    raw = gf.raw(emb.name)
+    if can_rebuild_rows(head):
+        block, size = GGML_QUANT_SIZES[emb.ggml_type]
+        headers = np.ascontiguousarray(raw.reshape(n, k // block, size)[..., : HEADER_BYTES[emb.ggml_type]])
+        return Embedding(None, torch.from_numpy(headers).to(dev), int(emb.ggml_type), k, dtype, head=head)
+    rows = torch.from_numpy(np.array(raw)).to(dev).view(n, -1)
+    return Embedding(None, rows, int(emb.ggml_type), k, dtype)
