@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 import torch
 
 from tandem.engine.runtime import POOL_SIZE, load_engine
+from tandem.wire.errors import NodeError
+from tandem.wire.gen import tandem_pb2 as pb
+from target_node.service import TargetService
 from tests.profile_helpers import write_pair
 
 
@@ -39,3 +43,26 @@ def test_pool_is_bounded_and_keyed_by_length(model: Path) -> None:
     other = engine.new_sequence(48)
     assert all(other is not s for s in seqs) and other.max_len == 48  # another length is not a match
     assert engine.new_sequence(32) in seqs
+
+
+def test_a_closed_session_hands_its_cache_to_the_next(model: Path) -> None:
+    svc = TargetService(load_engine(model, "cpu", "float32", "dequantized", threads=1))
+    commit = pb.Commit(base_len=0, tokens=[5, 6, 7])
+
+    async def go() -> tuple[object, object, str]:
+        await svc.prefill(pb.PrefillRequest(session="a", commit=commit), pb.PrefillReply())
+        first = svc.sessions["a"].seq
+        await svc.close(pb.CloseRequest(session="a"), pb.CloseReply())
+        try:
+            await svc.prefill(pb.PrefillRequest(session="a", commit=pb.Commit(base_len=3)), pb.PrefillReply())
+        except NodeError as exc:
+            gone = exc.code.name
+        await svc.prefill(pb.PrefillRequest(session="b", commit=commit), pb.PrefillReply())
+        return first, svc.sessions["b"].seq, gone
+
+    try:
+        first, second, gone = asyncio.run(go())
+    finally:
+        svc.shutdown()
+    assert second is first and len(second) == 3
+    assert gone == "NOT_FOUND"
