@@ -255,9 +255,14 @@ class Row:
         return " ".join(f"{k}:{n}" for k, n in sorted(self.k_hist.items())) if self.mode != "target-only" else "-"
 
 
+# Warm-up text: a chat prompt like the measured ones (so the acceptance the tuner learns from it is typical),
+# but not one of them.
+WARM_UP_PROMPT = "Tell me how a lighthouse helps ships at night."
+
+
 async def warm_up(coord: Coordinator, tokenizer: Tokenizer) -> None:
     """First forwards are slow, and a fresh tuner needs its fits to see more than one k."""
-    ids = chat(tokenizer, "Say something about the weather.")
+    ids = chat(tokenizer, WARM_UP_PROMPT)
     for k, mode in ((0, "sequential"), (2, "sequential"), (6, "sequential"), (None, "pipelined"), (None, "sequential")):
         await coord.run(Request(ids, 24, k=k, mode=mode))  # type: ignore[arg-type]
 

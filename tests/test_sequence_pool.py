@@ -66,3 +66,17 @@ def test_a_closed_session_hands_its_cache_to_the_next(model: Path) -> None:
         svc.shutdown()
     assert second is first and len(second) == 3
     assert gone == "NOT_FOUND"
+
+
+def test_eager_forwards_never_read_cache_rows_past_the_length(model: Path) -> None:
+    """CPU caches are not zero-filled: whatever lies past the length (here NaN) must never reach the logits."""
+    engine = load_engine(model, "cpu", "float32", "dequantized", threads=1)
+    dirty, clean = engine.new_sequence(64), engine.new_sequence(64)
+    for k, v in dirty.caches + clean.caches:
+        k.zero_(), v.zero_()
+    for k, v in dirty.caches:
+        k.fill_(float("nan")), v.fill_(float("nan"))
+    for tokens in ([3, 1, 4, 1, 5], [9], [2, 6]):
+        got, want = dirty.forward(tokens), clean.forward(tokens)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -133,11 +133,14 @@ class Engine:
         cfg = self.config
         caches = []
         v_dim = 0 if cfg.kv_lora_rank else cfg.head_dim  # MLA caches one latent row per token (moe.py)
+        # Graphs attend over the whole cache (masked), so its rows must hold numbers; the eager path reads only
+        # rows below the length, so it skips zero-filling a cache of hundreds of MB on every new session.
+        alloc = torch.zeros if self.cuda_graphs else torch.empty
         for dev in self.model.layer_devices:
             caches.append(
                 (
-                    torch.zeros((cfg.n_kv_heads, n, cfg.head_dim), dtype=self.dtype, device=dev),
-                    torch.zeros((cfg.n_kv_heads, n, v_dim), dtype=self.dtype, device=dev),
+                    alloc((cfg.n_kv_heads, n, cfg.head_dim), dtype=self.dtype, device=dev),
+                    alloc((cfg.n_kv_heads, n, v_dim), dtype=self.dtype, device=dev),
                 )
             )
         return Sequence(self, caches, n)
