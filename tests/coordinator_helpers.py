@@ -3,75 +3,20 @@ processes, and a real partial-acceptance draft for SmolLM2 (its own first layers
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import gguf
 
 from tandem.engine.gguf_file import read_gguf
-from tandem.wire import grpc_transport, zmq_transport
-from tandem.wire.service import NodeService
 from tools.write_gguf import _value_type
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class NodeThread:
-    """A node served from a background thread's event loop, on a chosen port (0: any free one)."""
-
-    def __init__(self, service: NodeService, transport: str = "grpc", port: int = 0) -> None:
-        self.service, self.transport = service, transport
-        self.loop = asyncio.new_event_loop()
-        self.server: Any = None
-        started = threading.Event()
-        error: list[BaseException] = []
-
-        async def start() -> None:
-            serve = grpc_transport.serve if transport == "grpc" else zmq_transport.serve
-            self.server = await serve(service, "127.0.0.1", port)
-
-        def main() -> None:
-            asyncio.set_event_loop(self.loop)
-            try:
-                self.loop.run_until_complete(start())
-            except BaseException as exc:
-                error.append(exc)
-                started.set()
-                return
-            started.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=main, daemon=True)
-        self.thread.start()
-        started.wait(30)
-        if error:
-            raise error[0]
-        self.port: int = self.server.port
-        self.url = f"{transport}://127.0.0.1:{self.port}"
-
-    def stop(self, grace: float = 5.0) -> None:
-        """grace 0 is a kill: requests in flight get no reply."""
-
-        async def halt() -> None:
-            with contextlib.suppress(TimeoutError):  # a stop that hangs must not hang the test run
-                if self.transport == "grpc" and grace == 0:
-                    await asyncio.wait_for(self.server.server.stop(None), 10)
-                else:
-                    await asyncio.wait_for(self.server.stop(grace), grace + 10)
-
-        asyncio.run_coroutine_threadsafe(halt(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
-        self.service.shutdown()
 
 
 def free_port() -> int:

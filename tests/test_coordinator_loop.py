@@ -39,8 +39,7 @@ from draft_node.service import DraftService
 from tandem.engine.runtime import Engine
 from tandem.sampling import SamplingParams, target_probs
 from target_node.service import TargetService
-from tests.coordinator_helpers import NodeThread
-from tests.wire_helpers import TINY_VOCAB, tiny_engine, write_tiny_llama
+from tests.wire_helpers import TINY_VOCAB, NodeThread, tiny_engine, write_tiny_llama
 
 TINY = {"dim": 64, "ffn": 32, "scale": 3.0, "context": 512}
 

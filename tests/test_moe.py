@@ -340,7 +340,8 @@ def test_resident_memory_within_1_25x_file(tiny_tokenizer: Path, tmp_path: Path)
 def test_target_node_with_cpu_moe_greedy_equals_target_only(models, tmp_path: Path) -> None:
     from coordinator.loop import Coordinator, Request
     from draft_node.service import DraftService
-    from tests.coordinator_helpers import NodeThread, start_node_process
+    from tests.coordinator_helpers import start_node_process
+    from tests.wire_helpers import NodeThread
 
     model, path = models["qwen3_moe"]
     # An early-exit draft: the target's first block with its head; it shares the vocabulary.

@@ -32,7 +32,7 @@ from tandem.wire.client import connect, parse_url
 from tandem.wire.errors import Code, NodeError
 from tandem.wire.gen import tandem_pb2 as pb
 from target_node.service import TargetService
-from tests.wire_helpers import TINY_VOCAB, RunningNode, running, tiny_engine, write_tiny_llama
+from tests.wire_helpers import TINY_VOCAB, NodeThread, running, tiny_engine, write_tiny_llama
 
 TRANSPORTS = ("grpc", "zmq")
 ROOT = Path(__file__).resolve().parent.parent
@@ -318,7 +318,7 @@ def test_grpc_tls(models: tuple[Engine, Engine], tmp_path: Path) -> None:
 def test_stop_drains_requests_in_flight(models: tuple[Engine, Engine], transport: str) -> None:
     target, _ = models
     svc = TargetService(target)
-    node = RunningNode(svc, transport)
+    node = NodeThread(svc, transport)
     try:
 
         async def go() -> None:

@@ -22,7 +22,7 @@ from tandem.cost_model import Costs, tokens_per_second
 from tandem.wire.client import connect
 from target_node.service import TargetService
 from tests.profile_helpers import write_pair
-from tests.wire_helpers import RunningNode, tiny_engine
+from tests.wire_helpers import NodeThread, tiny_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_K = 6
@@ -41,10 +41,10 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def nodes(pair: tuple[Path, Path]) -> Iterator[tuple[RunningNode, RunningNode]]:
+def nodes(pair: tuple[Path, Path]) -> Iterator[tuple[NodeThread, NodeThread]]:
     draft_path, target_path = pair
-    draft = RunningNode(DraftService(tiny_engine(draft_path)), "zmq")
-    target = RunningNode(TargetService(tiny_engine(target_path)), "grpc")
+    draft = NodeThread(DraftService(tiny_engine(draft_path)), "zmq")
+    target = NodeThread(TargetService(tiny_engine(target_path)), "grpc")
     try:
         yield draft, target
     finally:
@@ -56,7 +56,7 @@ def nodes(pair: tuple[Path, Path]) -> Iterator[tuple[RunningNode, RunningNode]]:
 
 @pytest.fixture(scope="module")
 def report(
-    nodes: tuple[RunningNode, RunningNode], pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+    nodes: tuple[NodeThread, NodeThread], pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> dict:
     """One profile run, shared by the checks below; a session of someone else's lives on the target."""
     draft, target = nodes
@@ -148,7 +148,7 @@ def test_predictions_follow_the_cost_model(report: dict) -> None:
         assert row["sequential_tps"] == pytest.approx(want, rel=1e-2)
 
 
-def test_sessions_closed_and_others_untouched(report: dict, nodes: tuple[RunningNode, RunningNode]) -> None:
+def test_sessions_closed_and_others_untouched(report: dict, nodes: tuple[NodeThread, NodeThread]) -> None:
     draft, target = nodes
     assert list(draft.service.sessions) == []
     assert list(target.service.sessions) == ["someone-else"]
@@ -191,7 +191,7 @@ def test_bad_options(args: list[str], message: str) -> None:
     assert res.returncode == 2 and message in res.stderr, res.stderr
 
 
-def test_unusable_nodes(nodes: tuple[RunningNode, RunningNode], pair: tuple[Path, Path], tmp_path: Path) -> None:
+def test_unusable_nodes(nodes: tuple[NodeThread, NodeThread], pair: tuple[Path, Path], tmp_path: Path) -> None:
     draft, target = nodes
     res = profile_cli("--draft", "127.0.0.1:1", "--target", target.url, "--quiet", timeout=60)
     assert res.returncode == 1 and "cannot reach the draft node" in res.stderr, res.stderr

@@ -7,6 +7,7 @@ sockets with `asyncio.run(...)` in the test's thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,10 +90,12 @@ def tiny_engine(path: Path) -> Engine:
     return load_engine(path, threads=1)
 
 
-class RunningNode:
-    """A node serving on 127.0.0.1 from a background thread's event loop."""
+class NodeThread:
+    """A node served on 127.0.0.1 from a background thread's event loop, on a chosen port (0: any free one)."""
 
-    def __init__(self, service: NodeService, transport: str, token: str | None = None, **tls: Any) -> None:
+    def __init__(
+        self, service: NodeService, transport: str = "grpc", port: int = 0, token: str | None = None, **tls: Any
+    ) -> None:
         self.service = service
         self.transport = transport
         self.loop = asyncio.new_event_loop()
@@ -102,9 +105,9 @@ class RunningNode:
 
         async def start() -> None:
             if transport == "grpc":
-                self.server = await grpc_transport.serve(service, "127.0.0.1", 0, token=token, **tls)
+                self.server = await grpc_transport.serve(service, "127.0.0.1", port, token=token, **tls)
             else:
-                self.server = await zmq_transport.serve(service, "127.0.0.1", 0, token=token)
+                self.server = await zmq_transport.serve(service, "127.0.0.1", port, token=token)
 
         def main() -> None:
             asyncio.set_event_loop(self.loop)
@@ -125,16 +128,25 @@ class RunningNode:
         self.port: int = self.server.port
         self.url = f"{transport}://127.0.0.1:{self.port}"
 
-    def stop(self) -> None:
-        fut = asyncio.run_coroutine_threadsafe(self.server.stop(5.0), self.loop)
-        fut.result(30)
+    def stop(self, grace: float = 5.0) -> None:
+        """grace 0 is a kill: requests in flight get no reply."""
+
+        async def halt() -> None:
+            with contextlib.suppress(TimeoutError):  # a stop that hangs must not hang the test run
+                if self.transport == "grpc" and grace == 0:
+                    await asyncio.wait_for(self.server.server.stop(None), 10)
+                else:
+                    await asyncio.wait_for(self.server.stop(grace), grace + 10)
+
+        asyncio.run_coroutine_threadsafe(halt(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(30)
+        self.service.shutdown()
 
 
 @contextmanager
-def running(service: NodeService, transport: str, token: str | None = None, **tls: Any) -> Iterator[RunningNode]:
-    node = RunningNode(service, transport, token, **tls)
+def running(service: NodeService, transport: str, token: str | None = None, **tls: Any) -> Iterator[NodeThread]:
+    node = NodeThread(service, transport, token=token, **tls)
     try:
         yield node
     finally:

@@ -250,6 +250,40 @@ class Embedding(nn.Module):
         return dequantize_blocks(rows, self.qtype, (tokens.shape[0], self.dim), self.dtype)
 
 
+def self_attention(
+    layer: nn.Module,
+    h: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    pos: int | Tensor,
+    mask: Tensor | None,
+) -> Tensor:
+    """Grouped-query attention of a normed input through layer.wqkv / q_norm / k_norm / wo (dense and MoE
+    blocks alike): writes the new keys and values at pos, returns the output projection."""
+    cfg = layer.cfg
+    k_new = h.shape[0]
+    hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    q, k, v = layer.wqkv(h).split((nh * hd, nkv * hd, nkv * hd), dim=-1)
+    q, k, v = q.view(k_new, nh, hd), k.view(k_new, nkv, hd), v.view(k_new, nkv, hd)
+    if layer.q_norm is not None:
+        q = rms_norm(q, layer.q_norm, cfg.norm_eps)
+        k = rms_norm(k, layer.k_norm, cfg.norm_eps)
+    q = apply_rope(q, cos, sin, cfg.rope_neox)
+    k = apply_rope(k, cos, sin, cfg.rope_neox)
+    if isinstance(pos, Tensor):  # static shapes (CUDA graphs): write by index, attend over the whole cache
+        k_cache.index_copy_(1, pos, k.transpose(0, 1))
+        v_cache.index_copy_(1, pos, v.transpose(0, 1))
+        attn = attention(q, k_cache, v_cache, mask)
+    else:
+        end = pos + k_new
+        k_cache[:, pos:end] = k.transpose(0, 1)
+        v_cache[:, pos:end] = v.transpose(0, 1)
+        attn = attention(q, k_cache[:, :end], v_cache[:, :end], mask)
+    return layer.wo(attn.reshape(k_new, nh * hd))
+
+
 class Block(nn.Module):
     """One transformer block. Weights are attached by the loader (see runtime.py)."""
 
@@ -276,27 +310,7 @@ class Block(nn.Module):
         mask: Tensor | None,
     ) -> Tensor:
         cfg = self.cfg
-        k_new = x.shape[0]
-        hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        h = rms_norm(x, self.attn_norm, cfg.norm_eps)
-        qkv = self.wqkv(h)
-        q, k, v = qkv.split((nh * hd, nkv * hd, nkv * hd), dim=-1)
-        q, k, v = q.view(k_new, nh, hd), k.view(k_new, nkv, hd), v.view(k_new, nkv, hd)
-        if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, cfg.norm_eps)
-            k = rms_norm(k, self.k_norm, cfg.norm_eps)
-        q = apply_rope(q, cos, sin, cfg.rope_neox)
-        k = apply_rope(k, cos, sin, cfg.rope_neox)
-        if isinstance(pos, Tensor):  # static shapes (CUDA graphs): write by index, attend over the whole cache
-            k_cache.index_copy_(1, pos, k.transpose(0, 1))
-            v_cache.index_copy_(1, pos, v.transpose(0, 1))
-            attn = attention(q, k_cache, v_cache, mask)
-        else:
-            end = pos + k_new
-            k_cache[:, pos:end] = k.transpose(0, 1)
-            v_cache[:, pos:end] = v.transpose(0, 1)
-            attn = attention(q, k_cache[:, :end], v_cache[:, :end], mask)
-        x = x + self.wo(attn.reshape(k_new, nh * hd))
+        x = x + self_attention(self, rms_norm(x, self.attn_norm, cfg.norm_eps), cos, sin, k_cache, v_cache, pos, mask)
         h = rms_norm(x, self.ffn_norm, cfg.norm_eps)
         gate, up = self.w13(h).chunk(2, dim=-1)
         return x + self.w2(F.silu(gate) * up)

@@ -33,7 +33,7 @@ from gguf import GGMLQuantizationType as GT
 from torch import Tensor, nn
 
 from tandem.engine.gguf_file import GGUFFile, TensorInfo
-from tandem.engine.model import ModelConfig, apply_rope, attention, rms_norm
+from tandem.engine.model import ModelConfig, apply_rope, rms_norm, self_attention
 from tandem.engine.qlinear import PACKED_TYPES, Int4Weight, Linear, _int4_codes
 from tandem.engine.quants import dequantize_blocks
 
@@ -186,7 +186,7 @@ class MoEBlock(nn.Module):
         if self.mla:
             x = x + self._mla(h, cos, sin, k_cache, pos, mask)
         else:
-            x = x + self._gqa(h, cos, sin, k_cache, v_cache, pos, mask)
+            x = x + self_attention(self, h, cos, sin, k_cache, v_cache, pos, mask)
         if x.device != self.ffn_device:
             x = x.to(self.ffn_device)
         h = rms_norm(x, self.ffn_norm, eps)
@@ -209,38 +209,6 @@ class MoEBlock(nn.Module):
                 shared = shared * torch.sigmoid(h @ self.shared_gate)[:, None]
             out = out + shared
         return out
-
-    def _gqa(
-        self,
-        h: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
-        pos: int | Tensor,
-        mask: Tensor | None,
-    ) -> Tensor:
-        """Grouped-query attention, as model.Block's."""
-        cfg = self.cfg
-        k_new = h.shape[0]
-        hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        q, k, v = self.wqkv(h).split((nh * hd, nkv * hd, nkv * hd), dim=-1)
-        q, k, v = q.view(k_new, nh, hd), k.view(k_new, nkv, hd), v.view(k_new, nkv, hd)
-        if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, cfg.norm_eps)
-            k = rms_norm(k, self.k_norm, cfg.norm_eps)
-        q = apply_rope(q, cos, sin, cfg.rope_neox)
-        k = apply_rope(k, cos, sin, cfg.rope_neox)
-        if isinstance(pos, Tensor):
-            k_cache.index_copy_(1, pos, k.transpose(0, 1))
-            v_cache.index_copy_(1, pos, v.transpose(0, 1))
-            out = attention(q, k_cache, v_cache, mask)
-        else:
-            end = pos + k_new
-            k_cache[:, pos:end] = k.transpose(0, 1)
-            v_cache[:, pos:end] = v.transpose(0, 1)
-            out = attention(q, k_cache[:, :end], v_cache[:, :end], mask)
-        return self.wo(out.reshape(k_new, nh * hd))
 
     def _mla(
         self, h: Tensor, cos: Tensor, sin: Tensor, cache: Tensor, pos: int | Tensor, mask: Tensor | None
