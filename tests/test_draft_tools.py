@@ -15,6 +15,7 @@ from tandem.engine.runtime import load_engine
 from tools import draft_prompts, eval_draft, gen_draft_data, train_draft
 from tools.draft_prompts import write_jsonl_gz
 from tools.train_draft import Draft, DraftConfig, export
+from tools.write_gguf import write_tiny_tokenizer
 
 TINY = DraftConfig(
     vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_position_embeddings=512
@@ -172,3 +173,52 @@ def test_prompt_splits_are_disjoint_and_deterministic(tmp_path: Path) -> None:
     assert len(held) >= 100 and len(train) > 1000
     assert not {h["prompt"] for h in held} & {t["prompt"] for t in train}
     assert not {h["template"] for h in held if h["template"] != "{x}"} & {t["template"] for t in train}
+
+
+def test_init_reads_back_an_exported_draft(tmp_path: Path, tiny_tokenizer: Path) -> None:
+    """--init: a written draft comes back as the same config and weights (Q/K rows un-permuted)."""
+    model = random_draft(3)
+    for dtype, exact in (("f32", True), ("q8_0", False)):
+        path = tmp_path / f"d.{dtype}.gguf"
+        export(model, path, dtype, tiny_tokenizer, "d")
+        cfg, state = train_draft.read_draft_gguf(path)
+        assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim) == (64, 2, 4, 2, 128)
+        assert state.keys() == model.state_dict().keys()
+        for name, ref in model.state_dict().items():
+            if exact:
+                assert torch.equal(state[name], ref), name
+            else:  # Q8_0: 8-bit codes, one scale per 32 values
+                torch.testing.assert_close(state[name], ref, atol=ref.abs().max().item() / 100, rtol=0)
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_self_chat_records_whole_conversations(tmp_path: Path) -> None:
+    """The target writes the user's turn and answers it; every recorded row is the target's own distribution."""
+    tok = write_tiny_tokenizer(tmp_path / "tok.gguf", 512, CHATML)
+    target = tmp_path / "target.gguf"
+    export(random_draft(0), target, "f32", tok, "tiny chat target")
+    engine = load_engine(target)
+    head, tail = gen_draft_data.chat_frame(engine.tokenizer)
+    data = tmp_path / "sc.pt"
+    args = ["--model", str(target), "--self-chat", "--out", str(data), "--batch", "3", "--max-new", "6"]
+    args += ["--max-user", "5", "--time-budget", "3", "--sampled-frac", "0.5", "--top-k", "4"]
+    assert gen_draft_data.main(args) == 0
+    d = torch.load(data, weights_only=True)
+    off, ids = d["offsets"], d["topk_ids"].to(torch.int32) & 0xFFFF
+    assert len(d["kind"]) >= 6  # slots are reused once a conversation ends
+    assert {int(k) for k in d["kind"]} <= {gen_draft_data.KIND_GREEDY, gen_draft_data.KIND_SAMPLED}
+    for s in range(len(d["kind"])):
+        a, b, n = int(off[s]), int(off[s + 1]), int(d["n_prompt"][s])
+        tokens = d["tokens"][a:b].tolist()
+        assert tokens[: len(head)] == head and tokens[n - len(tail) : n] == tail
+        assert 4 <= n - len(head) - len(tail) <= 5 and 1 <= b - a - n <= 6
+        # A fresh forward of the whole conversation gives the recorded top-1 at every position.
+        fresh = engine.new_sequence(64).forward(tokens)
+        assert ids[a : b - 1, 0].tolist() == fresh[:-1].argmax(-1).tolist()
+        if d["kind"][s] == gen_draft_data.KIND_GREEDY:
+            assert ids[a + n - 1 : b - 1, 0].tolist() == tokens[n:]

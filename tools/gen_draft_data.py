@@ -11,6 +11,11 @@ next-token ids and probabilities. Replies are greedy or sampled at temperature T
 are run through in one prefill each (cheap extra signal); held-out prompts get greedy replies only, kept
 apart for evaluation.
 
+`--self-chat` needs no prompts: the target writes the user's turn itself (sampled after the chat
+template's system turn and `user` header, which every slot shares), the template's assistant header is
+forced in, and the target answers in the same slot. No prefill per prompt, so a whole batch stays busy,
+and the questions are the kind a chat model expects, which hand-written templates cannot match in number.
+
     python -m tools.gen_draft_data --model SmolLM2-135M-Instruct.Q4_1.gguf --prompts data/draft \\
         --out runs/draft/data.pt --device cuda --workers 6 --batch 192 --time-budget 190
 """
@@ -73,6 +78,9 @@ class Job:
     max_prompt: int
     max_text: int
     seed: int
+    self_chat: bool = False
+    max_user: int = 96
+    user_temperature: float = 0.9
 
 
 class Recorder:
@@ -162,8 +170,10 @@ class Batch:
             k = apply_rope(k, cos, sin, cfg.rope_neox)
             kc[rows, :, pos] = k
             vc[rows, :, pos] = v
+            # one query per slot: a KV head's query heads go in as its "query positions", so GQA needs no
+            # expanded copy of the cache
             attn = F.scaled_dot_product_attention(
-                q[:, :, None], kc[:, :, :span], vc[:, :, :span], attn_mask=mask, enable_gqa=nh != nkv
+                q.view(b, nkv, nh // nkv, hd), kc[:, :, :span], vc[:, :, :span], attn_mask=mask
             )
             x = x + blk.wo(attn.reshape(b, nh * hd))
             h = rms_norm(x, blk.ffn_norm, cfg.norm_eps)
@@ -300,6 +310,114 @@ def worker(job: Job) -> None:
     )
 
 
+def chat_frame(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """The template's tokens before and after the user's text (system turn + user header, assistant header)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}], add_generation_prompt=True)
+    before, after = text.split("\x00")
+    head, tail = tokenizer.encode(before, add_special=False), tokenizer.encode(after, add_special=False)
+    if not head or not tail:
+        raise ValueError("--self-chat needs a chat template that wraps the user's text in role markers")
+    return head, tail
+
+
+def self_chat_worker(job: Job) -> None:
+    """Whole conversations from the target alone: user turn sampled, assistant header forced, reply decoded."""
+    torch.set_num_threads(job.threads)
+    engine = load_engine(job.model, device="cuda:0" if job.device == "cuda" else job.device, threads=job.threads)
+    tok, dev, n_slots, k = engine.tokenizer, engine.device, job.batch, job.top_k
+    eos = set(tok.eos_ids)
+    gen = torch.Generator(device=dev).manual_seed(job.seed * 1000 + 500 + job.rank)
+    head, tail = chat_frame(tok)
+    max_len = len(head) + job.max_user + len(tail) + job.max_new
+    batch = Batch(engine, n_slots, max_len)
+    head_logits = batch.load(0, head)
+    head_rows = topk_rows(head_logits, k)
+    head_probs = torch.softmax(head_logits[-1].float() / job.user_temperature, dim=-1)
+    n_head = len(head)
+    buf_i = torch.zeros(n_slots, max_len, k, dtype=torch.int16, device=dev)
+    buf_p = torch.zeros(n_slots, max_len, k, dtype=torch.float16, device=dev)
+    buf_i[:, :n_head] = head_rows[0].to(torch.int16)
+    buf_p[:, :n_head] = head_rows[1].half()
+    rec = Recorder()
+    # per slot: tokens so far, tokens still to force, reply start (0 while the user is "typing"), reply temperature
+    tokens: list[list[int]] = [[] for _ in range(n_slots)]
+    forced: list[list[int]] = [[] for _ in range(n_slots)]
+    reply_at = [0] * n_slots
+    reply_temp = [0.0] * n_slots
+    temps = torch.zeros(n_slots, device=dev)
+    stats = {"replies": 0, "dropped": 0, "generated": 0, "steps": 0}
+    count = 0
+    t0 = last_print = time.time()
+
+    def start(b: int) -> None:
+        nonlocal count
+        if b:  # slot 0 holds the header from the load above; the others copy it
+            for bk, bv in batch.caches:
+                bk[b, :, :n_head] = bk[0, :, :n_head]
+                bv[b, :, :n_head] = bv[0, :, :n_head]
+        first = int(torch.multinomial(head_probs, 1, generator=gen))
+        tokens[b] = [*head, first]
+        forced[b], reply_at[b] = [], 0
+        reply_temp[b] = job.temperature if hash((job.seed, job.rank, count)) % 1000 < job.sampled_frac * 1000 else 0.0
+        temps[b] = job.user_temperature
+        count += 1
+
+    for b in range(n_slots):
+        start(b)
+    while time.time() < job.deadline:
+        xs = torch.tensor([t[-1] for t in tokens], device=dev)
+        ps = torch.tensor([len(t) - 1 for t in tokens], device=dev)
+        span = max(len(t) for t in tokens)
+        logits = batch.step(xs, ps, span)
+        ti, tp = topk_rows(logits, k)
+        ar = torch.arange(n_slots, device=dev)
+        buf_i[ar, ps] = ti.to(torch.int16)
+        buf_p[ar, ps] = tp.half()
+        nxt = choose(logits, temps, gen, True).tolist()
+        stats["steps"] += 1
+        for b in range(n_slots):
+            t = tokens[b]
+            if forced[b]:  # the assistant header: forced, then the reply starts after it
+                t.append(forced[b].pop(0))
+                if not forced[b]:
+                    reply_at[b] = len(t)
+                    temps[b] = reply_temp[b]
+                continue
+            if not reply_at[b]:  # the user's turn: ends at an end token, or is cut at --max-user
+                n_user = len(t) - n_head
+                if nxt[b] not in eos and n_user < job.max_user:
+                    t.append(nxt[b])
+                elif n_user < 4:  # an empty or one-word turn: start over
+                    stats["dropped"] += 1
+                    start(b)
+                else:
+                    forced[b] = list(tail)
+                    t.append(forced[b].pop(0))
+                continue
+            t.append(nxt[b])
+            if nxt[b] in eos or len(t) - reply_at[b] >= job.max_new:
+                n = len(t)
+                pad = torch.zeros(1, k, device=dev)
+                ids = torch.cat([buf_i[b, : n - 1], pad.to(torch.int16)])
+                probs = torch.cat([buf_p[b, : n - 1], pad.half()])
+                kind = KIND_SAMPLED if reply_temp[b] > 0 else KIND_GREEDY
+                rec.add(t, ids, probs, reply_at[b], kind, SPLIT_TRAIN)
+                stats["replies"] += 1
+                stats["generated"] += n - reply_at[b]
+                start(b)
+        if job.rank == 0 and time.time() - last_print > 20:
+            last_print = time.time()
+            dt = last_print - t0
+            print(f"[self-chat worker 0, {dt:.0f}s] {stats}, {stats['generated'] / dt:.0f} reply tokens/s", flush=True)
+    torch.save(rec.pack(), Path(job.out_dir) / f"part-{job.rank:03d}.pt")
+    print(
+        f"self-chat worker {job.rank}: {stats['replies']} conversations ({stats['dropped']} short user turns dropped), "
+        f"{stats['generated']} reply tokens in {stats['steps']} batch steps, {rec.n_tokens()} tokens, "
+        f"{time.time() - t0:.0f}s",
+        flush=True,
+    )
+
+
 def merge(parts: list[Path]) -> dict[str, torch.Tensor]:
     packs = [torch.load(p, weights_only=True) for p in parts]
     out: dict[str, torch.Tensor] = {}
@@ -329,9 +447,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="sequences decoded together per worker (cuda 192, cpu 8)")
     ap.add_argument("--passes", type=int, default=0, help="passes over the train prompts (0: until time is up)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--self-chat", action="store_true", help="the target writes the user turns too (no prompts)")
+    ap.add_argument("--max-user", type=int, default=96, help="self-chat: user turns are cut at this many tokens")
+    ap.add_argument("--user-temperature", type=float, default=0.9, help="self-chat: temperature of the user turns")
     args = ap.parse_args(argv)
     model = args.model or default_target()
-    for path, what in ((model, "--model"), (args.prompts / "train.jsonl.gz", "--prompts")):
+    needs = [(model, "--model")] + ([] if args.self_chat else [(args.prompts / "train.jsonl.gz", "--prompts")])
+    for path, what in needs:
         if not Path(path).exists():
             ap.error(f"{what}: {path} does not exist")
     if args.workers < 1:
@@ -350,14 +472,15 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [
         Job(r, args.workers, str(model), str(args.prompts), str(parts_dir), args.device, threads, deadline,
             args.max_new, args.top_k, args.sampled_frac, args.temperature, args.heldout, batch, args.passes,
-            args.max_prompt, args.max_text, args.seed)
+            args.max_prompt, args.max_text, args.seed, args.self_chat, args.max_user, args.user_temperature)
         for r in range(args.workers)
     ]  # fmt: skip
+    run = self_chat_worker if args.self_chat else worker
     if args.workers == 1:
-        worker(jobs[0])
+        run(jobs[0])
     else:
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=worker, args=(j,)) for j in jobs]
+        procs = [ctx.Process(target=run, args=(j,)) for j in jobs]
         for p in procs:
             p.start()
         for p in procs:

@@ -190,6 +190,61 @@ def pca_embedding(target: Path, dim: int, vocab: int) -> Tensor:
     return proj * (0.05 / proj.std())  # a scale the freshly initialised layers can work with
 
 
+GGUF_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def unpermute_qk(w: Tensor, n_head: int) -> Tensor:
+    """Inverse of tools.write_gguf.permute_qk: per head, rows (x0, y0, x1, y1, ...) -> (x0..x_{d/2-1}, y0..)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_draft_gguf(path: Path) -> tuple[DraftConfig, dict[str, Tensor]]:
+    """A draft GGUF (ours, or any tied-embedding llama) back as a config and a float32 state dict."""
+    from tandem.engine.gguf_file import read_gguf
+    from tandem.engine.quants import dequantize
+
+    gf = read_gguf(path)
+    m = gf.metadata
+    if m.get("general.architecture") != "llama" or "output.weight" in gf.tensors:
+        raise ValueError(f"{path}: --init needs a llama GGUF with tied embeddings")
+    cfg = DraftConfig(
+        vocab_size=gf.tensors["token_embd.weight"].shape[0],
+        dim=m["llama.embedding_length"],
+        n_layers=m["llama.block_count"],
+        n_heads=m["llama.attention.head_count"],
+        n_kv_heads=m.get("llama.attention.head_count_kv", m["llama.attention.head_count"]),
+        ffn_dim=m["llama.feed_forward_length"],
+        rope_theta=m.get("llama.rope.freq_base", 10000.0),
+        norm_eps=m["llama.attention.layer_norm_rms_epsilon"],
+        max_position_embeddings=m["llama.context_length"],
+    )
+    sd: dict[str, Tensor] = {}
+    for name, info in gf.tensors.items():
+        w = dequantize(gf.raw(name), info.ggml_type, info.shape).float()
+        if name == "token_embd.weight":
+            sd["model.embed_tokens.weight"] = w
+        elif name == "output_norm.weight":
+            sd["model.norm.weight"] = w
+        else:
+            _, layer, kind, _ = name.split(".")
+            if kind == "attn_q":
+                w = unpermute_qk(w, cfg.n_heads)
+            elif kind == "attn_k":
+                w = unpermute_qk(w, cfg.n_kv_heads)
+            sd[f"model.layers.{layer}.{GGUF_NAMES[kind]}.weight"] = w
+    return cfg, sd
+
+
 # --- data --------------------------------------------------------------------------------------------
 
 
@@ -344,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ffn", type=int, default=768)
     ap.add_argument("--no-pca", action="store_true", help="random embedding init instead of the target's PCA")
     ap.add_argument("--resume", type=Path, default=None, help="checkpoint (.pt) to continue from")
+    ap.add_argument("--init", type=Path, default=None, help="start from the weights of a draft GGUF (its shape too)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="where to keep the best state (.pt)")
     ap.add_argument("--save-fp16", type=Path, default=None, help="also save the best weights here as fp16 (.pt)")
     ap.add_argument("--seed", type=int, default=0)
@@ -381,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(ck["model"])
         step0 = ck.get("step", 0)
         print(f"resumed from {args.resume} (step {step0}, {ck.get('metrics')})")
+    elif args.init:
+        cfg, sd = read_draft_gguf(args.init)
+        model = Draft(cfg)
+        model.load_state_dict(sd)
+        print(f"initialised from {args.init}")
     elif not args.no_pca:
         with torch.no_grad():
             model.model.embed_tokens.weight.copy_(pca_embedding(args.target, cfg.dim, cfg.vocab_size))
@@ -437,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         frac = min(elapsed / args.time_budget, 1.0)
         if frac >= 1.0 or (args.max_steps and step >= args.max_steps):
             break
-        warm = min(1.0, (step + 1) / args.warmup) if not args.resume else 1.0
+        warm = min(1.0, (step + 1) / args.warmup)
         lr = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr

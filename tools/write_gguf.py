@@ -78,7 +78,9 @@ def default_tokenizer_source() -> Path:
     return path
 
 
-def write_tiny_tokenizer(path: str | Path, vocab: int = 512) -> Path:
+def write_tiny_tokenizer(
+    path: str | Path, vocab: int = 512, chat_template: str = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+) -> Path:
     """A GGUF holding only a byte-level BPE vocabulary of `vocab` tokens: three specials, the 256 byte
     symbols, then two-letter merges. Small test models borrow it, so files stay small and load fast."""
     w = gguf.GGUFWriter(path, "llama")
@@ -94,7 +96,7 @@ def write_tiny_tokenizer(path: str | Path, vocab: int = 512) -> Path:
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
-    w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    w.add_chat_template(chat_template)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
