@@ -80,3 +80,18 @@ def test_eager_forwards_never_read_cache_rows_past_the_length(model: Path) -> No
         got, want = dirty.forward(tokens), clean.forward(tokens)
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_cpu_caches_are_float32_under_16_bit_weights(model: Path) -> None:
+    """bfloat16 weights, float32 cache on CPU (runtime.cache_dtype): the logits stay those of the bfloat16 model
+    within its rounding, across a prefill, decode steps and a rollback."""
+    bf16 = load_engine(model, "cpu", "bfloat16", "dequantized", threads=1)
+    ref = load_engine(model, "cpu", "float32", "dequantized", threads=1)
+    seq, want = bf16.new_sequence(64), ref.new_sequence(64)
+    assert {t.dtype for kv in seq.caches for t in kv} == {torch.float32}
+    for tokens, rollback in (([3, 1, 4, 1, 5], 5), ([9], 6), ([2, 6], 6), ([8, 8, 8], 7)):
+        got, exp = seq.forward(tokens), want.forward(tokens)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        torch.testing.assert_close(got, exp, rtol=0, atol=0.1 * exp.abs().max().item())
+        assert (got.argmax(-1) == exp.argmax(-1)).float().mean() >= 0.75
+        seq.truncate(rollback), want.truncate(rollback)

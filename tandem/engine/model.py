@@ -210,12 +210,12 @@ def attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> T
     k_new, nh, hd = q.shape
     nkv = keys.shape[0]
     g = nh // nkv
-    qg = q.view(k_new, nkv, g, hd).permute(1, 2, 0, 3).reshape(nkv, g * k_new, hd)
+    qg = q.view(k_new, nkv, g, hd).permute(1, 2, 0, 3).reshape(nkv, g * k_new, hd).to(keys.dtype)
     scores = torch.matmul(qg, keys.transpose(1, 2)).float() * (1.0 / math.sqrt(hd))
     if mask is not None:
         scores = scores.view(nkv, g, k_new, -1).masked_fill(~mask, float("-inf")).view(nkv, g * k_new, -1)
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    out = torch.matmul(probs, values)  # [nkv, g * k, hd]
+    out = torch.matmul(probs, values).to(q.dtype)  # [nkv, g * k, hd]
     return out.view(nkv, g, k_new, hd).permute(2, 0, 1, 3)
 
 

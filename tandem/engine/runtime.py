@@ -137,10 +137,11 @@ class Engine:
         # rows below the length, so it skips zero-filling a cache of hundreds of MB on every new session.
         alloc = torch.zeros if self.cuda_graphs else torch.empty
         for dev in self.model.layer_devices:
+            dtype = cache_dtype(self.dtype, dev)
             caches.append(
                 (
-                    alloc((cfg.n_kv_heads, n, cfg.head_dim), dtype=self.dtype, device=dev),
-                    alloc((cfg.n_kv_heads, n, v_dim), dtype=self.dtype, device=dev),
+                    alloc((cfg.n_kv_heads, n, cfg.head_dim), dtype=dtype, device=dev),
+                    alloc((cfg.n_kv_heads, n, v_dim), dtype=dtype, device=dev),
                 )
             )
         return Sequence(self, caches, n)
@@ -152,6 +153,12 @@ class Engine:
         seq.truncate(0)
         if len(self.pool) < POOL_SIZE and seq.engine is self:
             self.pool.append(seq)
+
+
+def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """On CPU the KV cache is float32 whatever the weights: a 16-bit matmul there goes through oneDNN, which
+    builds a new kernel for every new cache length, so attention would cost ~10x more per decoded token."""
+    return torch.float32 if device.type == "cpu" else dtype
 
 
 # CUDA graphs serve blocks up to a verify of k = 16 (17 tokens), padded up to one of these sizes so a
