@@ -207,6 +207,22 @@ def attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> T
     Plain matmuls: for a handful of queries this beats the fused CPU kernels, and the query heads that
     share a KV head are batched together instead of repeating the cache.
     """
+    k_new = q.shape[0]
+    if q.dtype != keys.dtype and mask is not None and k_new <= MAX_ROWWISE:
+        # A float32 cache under 16-bit activations (CPU, runtime.cache_dtype). Float32 kernels sum in an
+        # order that depends on the shape, so a k-token verify would round differently from k one-token
+        # decodes and could pick another token at a near tie. Each new token attends exactly as its
+        # decode step does: over its own prefix, in a call of the same shape.
+        start = keys.shape[1] - k_new
+        rows = [_attend(q[i : i + 1], keys[:, : start + i + 1], values[:, : start + i + 1], None) for i in range(k_new)]
+        return torch.cat(rows)
+    return _attend(q, keys, values, mask)
+
+
+MAX_ROWWISE = 17  # verify blocks (k <= 16 plus the bonus position); longer blocks are prompts
+
+
+def _attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> Tensor:
     k_new, nh, hd = q.shape
     nkv = keys.shape[0]
     g = nh // nkv
