@@ -208,11 +208,12 @@ def attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> T
     share a KV head are batched together instead of repeating the cache.
     """
     k_new = q.shape[0]
-    if q.dtype != keys.dtype and mask is not None and k_new <= MAX_ROWWISE:
+    if not torch.compiler.is_compiling() and q.dtype != keys.dtype and mask is not None and k_new <= MAX_ROWWISE:
         # A float32 cache under 16-bit activations (CPU, runtime.cache_dtype). Float32 kernels sum in an
         # order that depends on the shape, so a k-token verify would round differently from k one-token
         # decodes and could pick another token at a near tie. Each new token attends exactly as its
-        # decode step does: over its own prefix, in a call of the same shape.
+        # decode step does: over its own prefix, in a call of the same shape. (A compiled forward fuses
+        # differently per block size anyway, and would unroll this loop into a graph per k.)
         start = keys.shape[1] - k_new
         rows = [_attend(q[i : i + 1], keys[:, : start + i + 1], values[:, : start + i + 1], None) for i in range(k_new)]
         return torch.cat(rows)
