@@ -157,7 +157,8 @@ class Engine:
 
 def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """On CPU the KV cache is float32 whatever the weights: a 16-bit matmul there goes through oneDNN, which
-    builds a new kernel for every new cache length, so attention would cost ~10x more per decoded token."""
+    builds a new kernel for every new cache length (attention took 328 us a layer in the draft's decode, 57 us
+    at a fixed length)."""
     return torch.float32 if device.type == "cpu" else dtype
 
 
