@@ -207,33 +207,29 @@ def attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> T
     Plain matmuls: for a handful of queries this beats the fused CPU kernels, and the query heads that
     share a KV head are batched together instead of repeating the cache.
     """
-    k_new = q.shape[0]
-    if not torch.compiler.is_compiling() and q.dtype != keys.dtype and mask is not None and k_new <= MAX_ROWWISE:
-        # A float32 cache under 16-bit activations (CPU, runtime.cache_dtype). Float32 kernels sum in an
-        # order that depends on the shape, so a k-token verify would round differently from k one-token
-        # decodes and could pick another token at a near tie. Each new token attends exactly as its
-        # decode step does: over its own prefix, in a call of the same shape. (A compiled forward fuses
-        # differently per block size anyway, and would unroll this loop into a graph per k.)
-        start = keys.shape[1] - k_new
-        rows = [_attend(q[i : i + 1], keys[:, : start + i + 1], values[:, : start + i + 1], None) for i in range(k_new)]
-        return torch.cat(rows)
-    return _attend(q, keys, values, mask)
-
-
-MAX_ROWWISE = 17  # verify blocks (k <= 16 plus the bonus position); longer blocks are prompts
-
-
-def _attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> Tensor:
     k_new, nh, hd = q.shape
     nkv = keys.shape[0]
     g = nh // nkv
-    qg = q.view(k_new, nkv, g, hd).permute(1, 2, 0, 3).reshape(nkv, g * k_new, hd).to(keys.dtype)
+    qg = q.view(k_new, nkv, g, hd).permute(1, 2, 0, 3).reshape(nkv, g * k_new, hd)
     scores = torch.matmul(qg, keys.transpose(1, 2)).float() * (1.0 / math.sqrt(hd))
     if mask is not None:
         scores = scores.view(nkv, g, k_new, -1).masked_fill(~mask, float("-inf")).view(nkv, g * k_new, -1)
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    out = torch.matmul(probs, values).to(q.dtype)  # [nkv, g * k, hd]
+    out = torch.matmul(probs, values)  # [nkv, g * k, hd]
     return out.view(nkv, g, k_new, hd).permute(2, 0, 1, 3)
+
+
+ATTN_PAD = 64
+
+
+def attention_span(end: int, cache: Tensor) -> int:
+    """Cache rows an eager forward attends over when the first `end` are live. A 16-bit matmul on CPU goes
+    through oneDNN, which builds a kernel for every new shape, and the length is new at every token
+    (attention took 328 us a layer in the draft's decode, 57 us at a fixed length). Rounded up to
+    ATTN_PAD rows, with the rows past `end` masked (and zeroed by the Sequence), the kernels are reused."""
+    if cache.device.type != "cpu" or cache.dtype == torch.float32:
+        return end
+    return min(-(-end // ATTN_PAD) * ATTN_PAD, cache.shape[1])
 
 
 class Embedding(nn.Module):
@@ -295,9 +291,10 @@ def self_attention(
         attn = attention(q, k_cache, v_cache, mask)
     else:
         end = pos + k_new
+        span = end if mask is None else mask.shape[-1]  # past end when padded (attention_span)
         k_cache[:, pos:end] = k.transpose(0, 1)
         v_cache[:, pos:end] = v.transpose(0, 1)
-        attn = attention(q, k_cache[:, :end], v_cache[:, :end], mask)
+        attn = attention(q, k_cache[:, :span], v_cache[:, :span], mask)
     return layer.wo(attn.reshape(k_new, nh * hd))
 
 
@@ -363,9 +360,10 @@ class Transformer(nn.Module):
             mask = torch.arange(caches[0][0].shape[1], device=x.device)[None, :] <= pos[:, None]
             cos, sin = self.cos[pos], self.sin[pos]
         else:
-            if k_new > 1:
-                # Causal among the new tokens; everything cached before pos is visible.
-                idx = torch.arange(pos + k_new, device=x.device)
+            span = attention_span(pos + k_new, caches[0][0])
+            if k_new > 1 or span > pos + k_new:
+                # Causal among the new tokens; everything cached before pos is visible, padding never.
+                idx = torch.arange(span, device=x.device)
                 mask = idx[None, :] <= (pos + torch.arange(k_new, device=x.device))[:, None]
             cos, sin = self.cos[pos : pos + k_new], self.sin[pos : pos + k_new]
         for layer, dev, (kc, vc) in zip(self.layers, self.layer_devices, caches, strict=True):

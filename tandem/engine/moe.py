@@ -229,14 +229,13 @@ class MoEBlock(nn.Module):
             keys = cache[0]
         else:
             cache[0, pos : pos + t] = row
-            keys = cache[0, : pos + t]
-        query = torch.cat((q_lat, q_pe.transpose(0, 1)), dim=-1).to(keys.dtype)  # [nh, t, lora + r]
+            keys = cache[0, : pos + t if mask is None else mask.shape[-1]]  # padded: model.attention_span
+        query = torch.cat((q_lat, q_pe.transpose(0, 1)), dim=-1)  # [nh, t, lora + r]
         scores = torch.matmul(query, keys.t()).float() * self.kq_scale
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(keys.dtype)
-        latent_out = torch.matmul(probs, keys[:, :lora]).to(self.v_b.dtype)
-        out = torch.matmul(latent_out, self.v_b.transpose(1, 2))  # [nh, t, v]
+        out = torch.matmul(torch.matmul(probs, keys[:, :lora]), self.v_b.transpose(1, 2))  # [nh, t, v]
         return self.wo(out.transpose(0, 1).reshape(t, nh * cfg.v_head_dim))
 
 

@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as GT
 from torch import Tensor
 
 from tandem.engine.gguf_file import GGUFFile, TensorInfo, read_gguf
-from tandem.engine.model import MOE_ARCHS, Block, Embedding, ModelConfig, Transformer, rope_tables
+from tandem.engine.model import MOE_ARCHS, Block, Embedding, ModelConfig, Transformer, attention_span, rope_tables
 from tandem.engine.qlinear import HEADER_BYTES, PACKED_TYPES, Linear, can_rebuild_rows, packed_linear
 from tandem.engine.quants import dequantize
 from tandem.engine.tokenizer import Tokenizer
@@ -137,11 +137,10 @@ class Engine:
         # rows below the length, so it skips zero-filling a cache of hundreds of MB on every new session.
         alloc = torch.zeros if self.cuda_graphs else torch.empty
         for dev in self.model.layer_devices:
-            dtype = cache_dtype(self.dtype, dev)
             caches.append(
                 (
-                    alloc((cfg.n_kv_heads, n, cfg.head_dim), dtype=dtype, device=dev),
-                    alloc((cfg.n_kv_heads, n, v_dim), dtype=dtype, device=dev),
+                    alloc((cfg.n_kv_heads, n, cfg.head_dim), dtype=self.dtype, device=dev),
+                    alloc((cfg.n_kv_heads, n, v_dim), dtype=self.dtype, device=dev),
                 )
             )
         return Sequence(self, caches, n)
@@ -153,13 +152,6 @@ class Engine:
         seq.truncate(0)
         if len(self.pool) < POOL_SIZE and seq.engine is self:
             self.pool.append(seq)
-
-
-def cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """On CPU the KV cache is float32 whatever the weights: a 16-bit matmul there goes through oneDNN, which
-    builds a new kernel for every new cache length (attention took 328 us a layer in the draft's decode, 57 us
-    at a fixed length)."""
-    return torch.float32 if device.type == "cpu" else dtype
 
 
 # CUDA graphs serve blocks up to a verify of k = 16 (17 tokens), padded up to one of these sizes so a
@@ -184,6 +176,7 @@ class Sequence:
         self.caches = caches
         self.max_len = max_len
         self.tokens: list[int] = []
+        self.finite = 0  # cache rows known to hold numbers (written, or zeroed for model.attention_span)
         self._graphs: dict[int, _Graph] = {}  # per block size, captured on first use (CUDA, one device)
 
     def _graph(self, k: int) -> _Graph:
@@ -232,6 +225,14 @@ class Sequence:
             g.graph.replay()
             self.tokens.extend(tokens)
             return g.logits[:k].clone() if all_logits else g.logits[k - 1 : k].clone()
+        end = len(self.tokens) + k
+        span = attention_span(end, self.caches[0][0])
+        if span > max(end, self.finite):  # padded attention reads rows past the length: no NaN garbage there
+            lo = max(self.finite, len(self.tokens))  # rows below the length hold what was written
+            for kc, vc in self.caches:
+                kc[:, lo:span].zero_()
+                vc[:, lo:span].zero_()
+            self.finite = span
         ids = torch.tensor(tokens, dtype=torch.long, device=self.engine.input_device or self.engine.device)
         outs = []
         for start in range(0, k, PREFILL_CHUNK):
