@@ -269,7 +269,10 @@ def test_generation_across_the_link_equals_the_target_alone(hosts: TwoHosts) -> 
 
 
 def mean_k(histogram: dict[str, int]) -> float:
-    return sum(int(k) * n for k, n in histogram.items()) / sum(histogram.values())
+    """The mean draft length of the rounds that drafted: rounds at k = 0 (the tuner or a fallback running the
+    target alone for a while) say nothing about how long a draft it chooses."""
+    drafted = {int(k): n for k, n in histogram.items() if int(k) > 0}
+    return sum(k * n for k, n in drafted.items()) / max(1, sum(drafted.values()))
 
 
 # The coordinator test's two delays: far enough apart that the link, not the machine's noise, sets the round
@@ -309,5 +312,7 @@ def test_chosen_k_rises_with_the_delay(hosts: TwoHosts) -> None:
         assert out["choices"][0]["text"] == baseline
         stats[rtt] = out["speculation"]
     fast, slow = (mean_k(stats[rtt]["k_histogram"]) for rtt in DELAYS)
-    assert fast >= 1, f"the tuner hardly speculated on the fast link (acceptance ~0.85): {stats[DELAYS[0]]}"
-    assert slow > fast, (fast, slow, stats)
+    hist = stats[DELAYS[0]]["k_histogram"]
+    drafted = sum(n for k, n in hist.items() if int(k) > 0)
+    assert drafted >= sum(hist.values()) / 2, f"the tuner hardly speculated on the fast link (acceptance ~0.85): {hist}"
+    assert slow > fast, (fast, slow, {rtt: stats[rtt]["k_histogram"] for rtt in DELAYS})
