@@ -140,35 +140,21 @@ async def _grpc_echo(port: int) -> tuple[Callable[[], Awaitable[None]], Callable
 
 
 async def _zmq_echo(port: int) -> tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]:
-    """A DEALER polled through its FD, as tandem's client polls it."""
-    loop = asyncio.get_running_loop()
+    """A DEALER driven as tandem's client drives it (zmq_transport.Dealer)."""
+    from tandem.wire.zmq_transport import Dealer
+
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.connect(f"tcp://127.0.0.1:{port}")
-    fd = sock.getsockopt(zmq.FD)
-    waiter: list[asyncio.Future] = []
-
-    def wake() -> None:
-        sock.getsockopt(zmq.EVENTS)
-        if waiter and not waiter[-1].done():
-            waiter[-1].set_result(None)
-
-    loop.add_reader(fd, wake)
+    dealer = Dealer(sock, asyncio.get_running_loop())
     payload = b"x" * 16
 
     async def once() -> None:
-        sock.send(payload, zmq.NOBLOCK)
-        while True:
-            try:
-                sock.recv(zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                waiter[:] = [loop.create_future()]
-                await waiter[0]
+        await dealer.send(payload)
+        await dealer.recv()
 
     async def close() -> None:
-        loop.remove_reader(fd)
-        sock.close(linger=0)
+        dealer.close()
         ctx.term()
 
     return once, close

@@ -268,11 +268,15 @@ def test_generation_across_the_link_equals_the_target_alone(hosts: TwoHosts) -> 
     assert outputs[0] == outputs[1]
 
 
+def drafted(histogram: dict[str, int]) -> dict[int, int]:
+    """The rounds that drafted, by k: rounds at k = 0 (the tuner or a fallback running the target alone for a
+    while) say nothing about how long a draft it chooses."""
+    return {int(k): n for k, n in histogram.items() if int(k) > 0}
+
+
 def mean_k(histogram: dict[str, int]) -> float:
-    """The mean draft length of the rounds that drafted: rounds at k = 0 (the tuner or a fallback running the
-    target alone for a while) say nothing about how long a draft it chooses."""
-    drafted = {int(k): n for k, n in histogram.items() if int(k) > 0}
-    return sum(k * n for k, n in drafted.items()) / max(1, sum(drafted.values()))
+    rounds = drafted(histogram)
+    return sum(k * n for k, n in rounds.items()) / max(1, sum(rounds.values()))
 
 
 # The coordinator test's two delays: far enough apart that the link, not the machine's noise, sets the round
@@ -313,6 +317,7 @@ def test_chosen_k_rises_with_the_delay(hosts: TwoHosts) -> None:
         stats[rtt] = out["speculation"]
     fast, slow = (mean_k(stats[rtt]["k_histogram"]) for rtt in DELAYS)
     hist = stats[DELAYS[0]]["k_histogram"]
-    drafted = sum(n for k, n in hist.items() if int(k) > 0)
-    assert drafted >= sum(hist.values()) / 2, f"the tuner hardly speculated on the fast link (acceptance ~0.85): {hist}"
+    assert sum(drafted(hist).values()) >= sum(hist.values()) / 2, (
+        f"the tuner hardly speculated on the fast link (acceptance ~0.85): {hist}"
+    )
     assert slow > fast, (fast, slow, {rtt: stats[rtt]["k_histogram"] for rtt in DELAYS})

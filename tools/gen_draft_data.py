@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tandem.engine.model import apply_rope, rms_norm
+from tandem.engine.model import project_qkv, rms_norm
 from tandem.engine.runtime import Engine, load_engine
 from tandem.engine.tokenizer import Tokenizer
 from tools.draft_prompts import read_jsonl_gz
@@ -160,14 +160,7 @@ class Batch:
         rows = torch.arange(b, device=tokens.device)
         mask = (torch.arange(span, device=tokens.device)[None, :] <= pos[:, None])[:, None, None, :]
         for blk, (kc, vc) in zip(m.layers, self.caches, strict=True):
-            h = rms_norm(x, blk.attn_norm, cfg.norm_eps)
-            q, k, v = blk.wqkv(h).split((nh * hd, nkv * hd, nkv * hd), dim=-1)
-            q, k, v = q.view(b, nh, hd), k.view(b, nkv, hd), v.view(b, nkv, hd)
-            if blk.q_norm is not None:
-                q = rms_norm(q, blk.q_norm, cfg.norm_eps)
-                k = rms_norm(k, blk.k_norm, cfg.norm_eps)
-            q = apply_rope(q, cos, sin, cfg.rope_neox)
-            k = apply_rope(k, cos, sin, cfg.rope_neox)
+            q, k, v = project_qkv(blk, rms_norm(x, blk.attn_norm, cfg.norm_eps), cos, sin)
             kc[rows, :, pos] = k
             vc[rows, :, pos] = v
             # one query per slot: a KV head's query heads go in as its "query positions", so GQA needs no

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -190,19 +191,6 @@ def pca_embedding(target: Path, dim: int, vocab: int) -> Tensor:
     return proj * (0.05 / proj.std())  # a scale the freshly initialised layers can work with
 
 
-GGUF_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-
-
 def unpermute_qk(w: Tensor, n_head: int) -> Tensor:
     """Inverse of tools.write_gguf.permute_qk: per head, rows (x0, y0, x1, y1, ...) -> (x0..x_{d/2-1}, y0..)."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -228,20 +216,17 @@ def read_draft_gguf(path: Path) -> tuple[DraftConfig, dict[str, Tensor]]:
         norm_eps=m["llama.attention.layer_norm_rms_epsilon"],
         max_position_embeddings=m["llama.context_length"],
     )
+    # GGUF name -> our (transformers) name, through gguf's own map, as tools.write_gguf names them
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layers)
+    to_hf = {names.get_name(hf, try_suffixes=(".weight",)): hf for hf in Draft(cfg).state_dict()}
     sd: dict[str, Tensor] = {}
     for name, info in gf.tensors.items():
         w = dequantize(gf.raw(name), info.ggml_type, info.shape).float()
-        if name == "token_embd.weight":
-            sd["model.embed_tokens.weight"] = w
-        elif name == "output_norm.weight":
-            sd["model.norm.weight"] = w
-        else:
-            _, layer, kind, _ = name.split(".")
-            if kind == "attn_q":
-                w = unpermute_qk(w, cfg.n_heads)
-            elif kind == "attn_k":
-                w = unpermute_qk(w, cfg.n_kv_heads)
-            sd[f"model.layers.{layer}.{GGUF_NAMES[kind]}.weight"] = w
+        if name.endswith("attn_q.weight"):
+            w = unpermute_qk(w, cfg.n_heads)
+        elif name.endswith("attn_k.weight"):
+            w = unpermute_qk(w, cfg.n_kv_heads)
+        sd[to_hf[name]] = w
     return cfg, sd
 
 

@@ -263,6 +263,19 @@ class Embedding(nn.Module):
         return dequantize_blocks(rows, self.qtype, (tokens.shape[0], self.dim), self.dtype)
 
 
+def project_qkv(layer: nn.Module, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries [n, heads, hd], keys and values [n, kv_heads, hd] of n normed rows: the fused projection,
+    the optional q/k norms (qwen3), and rope at each row's position (cos, sin: [n, ...])."""
+    cfg = layer.cfg
+    n, hd, nh, nkv = h.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    q, k, v = layer.wqkv(h).split((nh * hd, nkv * hd, nkv * hd), dim=-1)
+    q, k, v = q.view(n, nh, hd), k.view(n, nkv, hd), v.view(n, nkv, hd)
+    if layer.q_norm is not None:
+        q = rms_norm(q, layer.q_norm, cfg.norm_eps)
+        k = rms_norm(k, layer.k_norm, cfg.norm_eps)
+    return apply_rope(q, cos, sin, cfg.rope_neox), apply_rope(k, cos, sin, cfg.rope_neox), v
+
+
 def self_attention(
     layer: nn.Module,
     h: Tensor,
@@ -275,16 +288,8 @@ def self_attention(
 ) -> Tensor:
     """Grouped-query attention of a normed input through layer.wqkv / q_norm / k_norm / wo (dense and MoE
     blocks alike): writes the new keys and values at pos, returns the output projection."""
-    cfg = layer.cfg
     k_new = h.shape[0]
-    hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-    q, k, v = layer.wqkv(h).split((nh * hd, nkv * hd, nkv * hd), dim=-1)
-    q, k, v = q.view(k_new, nh, hd), k.view(k_new, nkv, hd), v.view(k_new, nkv, hd)
-    if layer.q_norm is not None:
-        q = rms_norm(q, layer.q_norm, cfg.norm_eps)
-        k = rms_norm(k, layer.k_norm, cfg.norm_eps)
-    q = apply_rope(q, cos, sin, cfg.rope_neox)
-    k = apply_rope(k, cos, sin, cfg.rope_neox)
+    q, k, v = project_qkv(layer, h, cos, sin)
     if isinstance(pos, Tensor):  # static shapes (CUDA graphs): write by index, attend over the whole cache
         k_cache.index_copy_(1, pos, k.transpose(0, 1))
         v_cache.index_copy_(1, pos, v.transpose(0, 1))
@@ -295,7 +300,7 @@ def self_attention(
         k_cache[:, pos:end] = k.transpose(0, 1)
         v_cache[:, pos:end] = v.transpose(0, 1)
         attn = attention(q, k_cache[:, :span], v_cache[:, :span], mask)
-    return layer.wo(attn.reshape(k_new, nh * hd))
+    return layer.wo(attn.reshape(k_new, -1))
 
 
 class Block(nn.Module):

@@ -137,7 +137,7 @@ async def serve(service: NodeService, host: str, port: int, *, token: str | None
 
 
 @dataclass
-class _Dealer:
+class Dealer:
     """One DEALER socket: one request in flight (the lock), woken through its FD."""
 
     sock: zmq.Socket
@@ -186,10 +186,10 @@ class ZmqClient(NodeClient):
         self.endpoint = endpoint
         self.token = token or ""
         self.ctx = zmq.Context()
-        self._socks: dict[str | None, _Dealer] = {}
+        self._socks: dict[str | None, Dealer] = {}
         self._ids = itertools.count(1)
 
-    def _socket(self, session: str | None) -> _Dealer:
+    def _socket(self, session: str | None) -> Dealer:
         if self.ctx.closed:
             raise NodeError(Code.UNAVAILABLE, "client is closed")
         d = self._socks.get(session)
@@ -203,7 +203,7 @@ class ZmqClient(NodeClient):
             if self.endpoint.startswith("tcp://["):
                 sock.setsockopt(zmq.IPV6, 1)
             sock.connect(self.endpoint)
-            d = self._socks[session] = _Dealer(sock, loop)
+            d = self._socks[session] = Dealer(sock, loop)
         return d
 
     async def _call(self, req: pb.Request, session: str | None) -> pb.Reply:
@@ -225,7 +225,7 @@ class ZmqClient(NodeClient):
                 self._drop(session, d)
                 raise
 
-    def _drop(self, session: str | None, d: _Dealer) -> None:
+    def _drop(self, session: str | None, d: Dealer) -> None:
         if self._socks.get(session) is d:
             del self._socks[session]
         d.close()
