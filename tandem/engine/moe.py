@@ -171,14 +171,17 @@ class MoEBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
+        ffn_out: Tensor,
         cos: Tensor,
         sin: Tensor,
         k_cache: Tensor,
         v_cache: Tensor,
         pos: int | Tensor,
         mask: Tensor | None,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
+        """As model.Block.forward: (residual, FFN output) in and out, summed at the start of the next block."""
         eps = self.cfg.norm_eps
+        x = x + ffn_out
         if cos.device != x.device:  # an earlier block's FFN placement moved x: the rope tables and mask follow
             cos, sin = cos.to(x.device), sin.to(x.device)
             mask = mask.to(x.device) if mask is not None else None
@@ -192,8 +195,8 @@ class MoEBlock(nn.Module):
         h = rms_norm(x, self.ffn_norm, eps)
         if self.w13 is not None:
             gate, up = self.w13(h).chunk(2, dim=-1)
-            return x + self.w2(F.silu(gate) * up)
-        return x + self._moe(h)
+            return x, self.w2(F.silu(gate) * up)
+        return x, self._moe(h)
 
     def _moe(self, h: Tensor) -> Tensor:
         idx, w = route(F.linear(h.float(), self.router), self.cfg, self.probs_bias)

@@ -13,7 +13,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,17 +103,30 @@ class Engine:
     load_seconds: float
     dequantized_tensors: list[str] = field(default_factory=list)
     input_device: torch.device | None = None  # where token ids go (the embedding's device)
-    step: Callable[[Tensor, int, list[tuple[Tensor, Tensor]]], Tensor] | None = None  # the (compiled) forward
     cuda_graphs: bool = False  # decode/verify blocks replay captured graphs (one CUDA device only)
     pool: list[Sequence] = field(default_factory=list)  # released sequences, reused by new ones
 
     def compile(self) -> float:
-        """Compile the forward (sizes symbolic, so one graph serves every k and length); returns seconds."""
+        """Compile each transformer block in place; returns seconds. The blocks share one code object and
+        their weights are graph inputs, so one compiled graph (sizes symbolic) serves every block, k and
+        length: 20 s at start-up on 2 CPU cores, where compiling the whole forward took 60-280 s and
+        recompiled per length class. On CUDA the compiled blocks run inside the captured graphs."""
         t0 = time.perf_counter()
-        self.step = torch.compile(self.model.forward, dynamic=True)
-        seq = self.new_sequence(8)
-        for k in (1, 2):  # decode, then the generic k-token graph
-            seq.forward([0] * k)
+        for layer in self.model.layers:
+            layer.compile(dynamic=True)
+        self.model.logits = torch.compile(self.model.logits, dynamic=True)
+        # Each path once, so that no session waits on a compile: a prompt at 0, a decode, a verify block (these
+        # two replay graphs on CUDA), a prompt chunk past 0. 256 rows: a multiple of 16 like context lengths,
+        # which Triton specializes on. Sizes that happen to be equal in one call (a 64-row attention span and
+        # head_dim 64) are not assumed equal for good (duck shapes), or each call that breaks the coincidence
+        # would recompile. Combo kernels launch independent small kernels as one (412 -> 352 a decode step).
+        with (
+            torch.fx.experimental._config.patch(use_duck_shape=False),
+            torch._inductor.config.patch(combo_kernels=self.cuda_graphs),
+        ):
+            seq = self.new_sequence(256)
+            for k in (18, 1, 2, 20):
+                seq.forward([0] * k)
         return time.perf_counter() - t0
 
     @property
@@ -163,8 +176,9 @@ POOL_SIZE = 4  # released sequences kept for reuse (a cache and its graphs each)
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    tokens: Tensor
-    pos: Tensor
+    inputs: Tensor  # [2, k] on the device: token ids, then positions
+    staging: Tensor  # the same in pinned host memory, so one asynchronous copy carries both
+    copied: torch.cuda.Event  # recorded after that copy: the staging rows are free again
     logits: Tensor
 
 
@@ -183,18 +197,20 @@ class Sequence:
         g = self._graphs.get(k)
         if g is None:
             dev = self.engine.device
-            tokens = torch.zeros(k, dtype=torch.long, device=dev)
-            pos = torch.arange(k, device=dev) + len(self.tokens)
+            inputs = torch.zeros(2, k, dtype=torch.long, device=dev)
+            tokens, pos = inputs
+            pos.copy_(torch.arange(k, device=dev) + len(self.tokens))
             stream = torch.cuda.Stream(dev)
             stream.wait_stream(torch.cuda.current_stream(dev))
-            fn = self.engine.step or self.engine.model
+            fn = self.engine.model
             with torch.cuda.stream(stream):  # warm up (and compile) outside the capture
                 fn(tokens, pos, self.caches)
             torch.cuda.current_stream(dev).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 logits = fn(tokens, pos, self.caches)
-            g = self._graphs[k] = _Graph(graph, tokens, pos, logits)
+            staging = torch.zeros(2, k, dtype=torch.long, pin_memory=True)
+            g = self._graphs[k] = _Graph(graph, inputs, staging, torch.cuda.Event(), logits)
         return g
 
     def __len__(self) -> int:
@@ -220,8 +236,12 @@ class Sequence:
         if size and len(self.tokens) + size <= self.max_len:
             # Padding positions write cache rows past the live length: harmless, overwritten before use.
             g = self._graph(size)
-            g.tokens.copy_(torch.tensor(tokens + [0] * (size - k)), non_blocking=True)
-            g.pos.copy_(torch.arange(len(self.tokens), len(self.tokens) + size), non_blocking=True)
+            g.copied.synchronize()  # long done: the last replay's logits were read
+            rows = g.staging.numpy()
+            rows[0, :k], rows[0, k:] = tokens, 0
+            rows[1] = np.arange(len(self.tokens), len(self.tokens) + size)
+            g.inputs.copy_(g.staging, non_blocking=True)
+            g.copied.record()
             g.graph.replay()
             self.tokens.extend(tokens)
             return g.logits[:k].clone() if all_logits else g.logits[k - 1 : k].clone()
@@ -237,8 +257,7 @@ class Sequence:
         outs = []
         for start in range(0, k, PREFILL_CHUNK):
             chunk = ids[start : start + PREFILL_CHUNK]
-            fn = self.engine.model if self.engine.cuda_graphs else (self.engine.step or self.engine.model)
-            logits = fn(chunk, len(self.tokens) + start, self.caches)
+            logits = self.engine.model(chunk, len(self.tokens) + start, self.caches)
             outs.append(logits if all_logits else logits[-1:])
         self.tokens.extend(tokens)
         return outs[0] if len(outs) == 1 else (torch.cat(outs) if all_logits else outs[-1])
@@ -313,11 +332,9 @@ def load_engine(
     if compile and (rules or cfg.arch in MOE_ARCHS):
         # Routing sizes are data-dependent (one host sync per MoE block) and rules move activations.
         log.info("compile skipped: MoE routing and placement rules run eagerly")
-    elif compile and len(devices) == 1 and devices[0].type == "cuda":
-        # Graphs of the eager forward, captured per session on first use. (Graphs of a torch.compile'd
-        # forward fuse further, but compiling every block size took minutes at start-up on an H100 host.)
-        engine.cuda_graphs = True
     elif compile:
+        # On one CUDA device, decode and verify blocks then replay graphs captured per session on first use.
+        engine.cuda_graphs = len(devices) == 1 and devices[0].type == "cuda"
         engine.load_seconds += engine.compile()
     return engine
 
