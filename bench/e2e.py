@@ -192,6 +192,10 @@ async def main(args: argparse.Namespace) -> int:
             print(table(rows))
             print()
             print("\n".join(goals(rows)))
+            if (costs := coord.tuner.costs()) is not None:  # where a round's time goes, as the tuner saw it
+                print(
+                    "tuner's costs at the end, ms: " + ", ".join(f"{n} {1e3 * v:.3f}" for n, v in vars(costs).items())
+                )
             if args.json:
                 Path(args.json).write_text(json.dumps([r.as_dict() for r in rows], indent=1))
         finally:

@@ -290,10 +290,11 @@ def self_attention(
     blocks alike): writes the new keys and values at pos, returns the output projection."""
     k_new = h.shape[0]
     q, k, v = project_qkv(layer, h, cos, sin)
-    if isinstance(pos, Tensor):  # static shapes (CUDA graphs): write by index, attend over the whole cache
+    if isinstance(pos, Tensor):  # static shapes (CUDA graphs): write by index, attend over the mask's span
         k_cache.index_copy_(1, pos, k.transpose(0, 1))
         v_cache.index_copy_(1, pos, v.transpose(0, 1))
-        attn = attention(q, k_cache, v_cache, mask)
+        span = mask.shape[-1]
+        attn = attention(q, k_cache[:, :span], v_cache[:, :span], mask)
     else:
         end = pos + k_new
         span = end if mask is None else mask.shape[-1]  # past end when padded (attention_span)
@@ -356,17 +357,19 @@ class Transformer(nn.Module):
         self.sin: Tensor
         self.layer_devices: list[torch.device] = []
 
-    def forward(self, tokens: Tensor, pos: int | Tensor, caches: list[tuple[Tensor, Tensor]]) -> Tensor:
+    def forward(
+        self, tokens: Tensor, pos: int | Tensor, caches: list[tuple[Tensor, Tensor]], span: int | None = None
+    ) -> Tensor:
         """Append tokens at positions pos.. and return float32 logits for each of them.
 
-        pos is an int (shapes follow the context length) or a tensor of the k positions (shapes fixed by
-        the cache size, for CUDA graphs).
+        pos is an int (shapes follow the context length) or a tensor of the k positions, for CUDA graphs:
+        shapes are then fixed by `span`, the cache rows attended over (all by default; more than pos).
         """
         k_new = tokens.shape[0]
         x = self.embed(tokens)
         mask = None
         if isinstance(pos, Tensor):
-            mask = torch.arange(caches[0][0].shape[1], device=x.device)[None, :] <= pos[:, None]
+            mask = torch.arange(span or caches[0][0].shape[1], device=x.device)[None, :] <= pos[:, None]
             cos, sin = self.cos[pos], self.sin[pos]
         else:
             span = attention_span(pos + k_new, caches[0][0])
