@@ -42,6 +42,7 @@ def median_ms(fn: Callable[[], None], reps: int, sync: Callable[[], None] = lamb
 def bench_tandem(
     path: Path, device: str, dtype: str, weights: str, compile: bool, reps: int, threads: int | None
 ) -> dict[int, float]:
+    torch._dynamo.reset()  # compiled code is cached per process: another thread count must not reuse it
     eng = load_engine(path, device=device, dtype=dtype, weights=weights, compile=compile, threads=threads)
     seq = eng.new_sequence(CONTEXT + 64)
     seq.forward([(i * 7919) % 1000 + 100 for i in range(CONTEXT)])
