@@ -36,12 +36,13 @@ from coordinator.loop import (
     TargetError,
 )
 from draft_node.service import DraftService
-from tandem.engine.runtime import Engine
+from tandem.engine.runtime import Engine, load_engine
 from tandem.sampling import SamplingParams, target_probs
 from target_node.service import TargetService
 from tests.wire_helpers import TINY_VOCAB, NodeThread, tiny_engine, write_tiny_llama
 
 TINY = {"dim": 64, "ffn": 32, "scale": 3.0, "context": 512}
+NARROW = TINY_VOCAB // 2
 
 
 class Models:
@@ -49,6 +50,8 @@ class Models:
         self.target = tiny_engine(write_tiny_llama(d / "target.gguf", seed=5, n_layers=3, **TINY))
         self.early = tiny_engine(write_tiny_llama(d / "early.gguf", seed=5, n_layers=2, **TINY))
         self.other = tiny_engine(write_tiny_llama(d / "other.gguf", seed=9, n_layers=1, **TINY))
+        # The target with its head cut to ids below NARROW (draft-node --head-rows): it can only propose those.
+        self.narrow = load_engine(d / "target.gguf", threads=1, head_rows=NARROW)
         self.dir = d
 
 
@@ -63,7 +66,7 @@ def nodes(models: Models) -> Iterator[dict[str, NodeThread]]:
     out: dict[str, NodeThread] = {}
     for tr in ("grpc", "zmq"):
         out[f"target-{tr}"] = NodeThread(TargetService(models.target, max_sessions=32), tr)
-        for name in ("early", "self", "other"):
+        for name in ("early", "self", "other", "narrow"):
             engine = models.target if name == "self" else getattr(models, name)
             out[f"{name}-{tr}"] = NodeThread(DraftService(engine, max_sessions=32), tr)
     yield out
@@ -90,7 +93,7 @@ CONFIGS = [("sequential", None), ("sequential", 1), ("sequential", 4), ("pipelin
 
 
 @pytest.mark.parametrize("transport", ["grpc", "zmq"])
-@pytest.mark.parametrize("draft", ["early", "self", "other"])
+@pytest.mark.parametrize("draft", ["early", "self", "other", "narrow"])
 def test_greedy_output_equals_target_only(models: Models, nodes: dict[str, NodeThread], draft: str, transport: str):
     async def go() -> None:
         async with coordinator(nodes[f"target-{transport}"].url, nodes[f"{draft}-{transport}"].url, models) as c:
@@ -114,6 +117,8 @@ def test_greedy_output_equals_target_only(models: Models, nodes: dict[str, NodeT
                 assert total.accepted == total.drafted and total.pipeline_hits > 0
             elif draft == "early":
                 assert 0.2 < total.acceptance < 0.9, total.acceptance
+            elif draft == "narrow":  # the target's own tokens, where they fall below NARROW
+                assert 0.1 < total.acceptance < 1.0, total.acceptance
 
     asyncio.run(go())
 
@@ -154,6 +159,7 @@ SAMPLING = {
     "t1.0-pipelined-k4": (SamplingParams(temperature=1.0), "pipelined", 4),
     "t0.7-topk10-sequential-k3": (SamplingParams(temperature=0.7, top_k=10), "sequential", 3),
     "t1.3-topp0.8-minp0.02-pipelined-k2": (SamplingParams(temperature=1.3, top_p=0.8, min_p=0.02), "pipelined", 2),
+    "narrow-t1.0-sequential-k3": (SamplingParams(temperature=1.0), "sequential", 3),  # a draft with a cut head
 }
 GENERATIONS = 150
 LENGTH = 8
@@ -169,7 +175,8 @@ def test_sampled_output_keeps_the_target_distribution(models: Models, nodes: dic
     prompt = [3, 8, 15]
 
     async def go() -> list[Result]:
-        async with coordinator(nodes["target-grpc"].url, nodes["early-grpc"].url, models) as c:
+        draft = "narrow" if name.startswith("narrow") else "early"
+        async with coordinator(nodes["target-grpc"].url, nodes[f"{draft}-grpc"].url, models) as c:
             sem = asyncio.Semaphore(8)
 
             async def one(i: int) -> Result:

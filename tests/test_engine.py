@@ -237,3 +237,24 @@ def test_compiled_forward_matches_eager(tiny_tokenizer: Path, tmp_path: Path) ->
     compiled.truncate(len(PROMPT) + 1)
     eager.truncate(len(PROMPT) + 1)
     assert rel_err(compiled.forward([1, 2, 3, 4]), eager.forward([1, 2, 3, 4])) <= 1e-5
+
+
+@pytest.mark.parametrize("qtype", ["f32", "q8_0"])
+@pytest.mark.parametrize("case", ["llama_tied_rope_linear", "llama_gqa_untied"])
+def test_a_cut_head_gives_the_full_heads_first_logits(
+    tiny_tokenizer: Path, tmp_path: Path, case: str, qtype: str
+) -> None:
+    """head_rows (draft-node --head-rows) keeps the first rows of the output head, packed or dense, tied or
+    not: its logits are the full head's first columns, and every token id can still be fed in."""
+    path = write_gguf(
+        random_model(CASES[case], seed=3), tmp_path / "m.gguf", tokenizer_from=tiny_tokenizer, dtype=qtype
+    )
+    for weights in ("quantized", "dequantized"):
+        full = load_engine(path, device=DEVICE, dtype="float32", weights=weights).new_sequence(64)
+        cut = load_engine(path, device=DEVICE, dtype="float32", weights=weights, head_rows=100).new_sequence(64)
+        for block in (PROMPT, [400, 5], [499]):  # ids past the cut go in as they did
+            want, got = full.forward(block), cut.forward(block)
+            assert got.shape == (len(block), 100)
+            torch.testing.assert_close(got, want[:, :100], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="at least 1"):
+        load_engine(path, head_rows=0)

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--head-rows", type=int, default=None, help="the draft's head keeps only its first rows")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args(argv)
     target_path = args.target or default_target()
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.k < 1 or args.n < 1:
         ap.error("--k and --n must be at least 1")
     target = load_engine(target_path, threads=args.threads)
-    draft = load_engine(args.draft, threads=args.threads)
+    draft = load_engine(args.draft, threads=args.threads, head_rows=args.head_rows)
     if draft.tokenizer.fingerprint != target.tokenizer.fingerprint:
         ap.error("the draft's vocabulary differs from the target's")
     items = read_jsonl_gz(args.prompts)[args.skip : args.skip + args.n]

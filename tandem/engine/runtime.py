@@ -301,8 +301,14 @@ def load_engine(
     threads: int | None = None,
     compile: bool = False,
     override_tensor: Iterable[str] = (),
+    head_rows: int | None = None,
 ) -> Engine:
-    """override_tensor: llama.cpp-style REGEX=DEVICE placement rules (first match wins); the rest is on `device`."""
+    """override_tensor: llama.cpp-style REGEX=DEVICE placement rules (first match wins); the rest is on `device`.
+
+    head_rows: keep at most the output head's first rows, so logits cover token ids [0, head_rows). For a
+    draft: its head is much of its cost, and BPE ids run roughly in merge (frequency) order, so the first
+    rows hold the tokens a draft gets accepted with. Every id can still be fed in.
+    """
     t0 = time.perf_counter()
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r} (use {', '.join(DTYPES)})")
@@ -323,7 +329,13 @@ def load_engine(
     place = _placement(gf, cfg, rules, layer_dev)
     model.layer_devices = [p[0] for p in place.layers]
 
-    dequantized = _load_weights(gf, model, place, tdtype, weights == "quantized")
+    if head_rows is not None and head_rows < 1:
+        raise ValueError(f"head_rows must be at least 1, got {head_rows}")
+    if head_rows is not None and head_rows >= cfg.vocab_size:
+        head_rows = None
+    elif head_rows is not None:
+        log.info("output head: the first %d of %d rows (token ids below %d)", head_rows, cfg.vocab_size, head_rows)
+    dequantized = _load_weights(gf, model, place, tdtype, weights == "quantized", head_rows)
     freq_factors = None
     if "rope_freqs.weight" in gf.tensors:
         t = gf.tensors["rope_freqs.weight"]
@@ -408,7 +420,7 @@ def _placement(
 
 
 def _load_weights(
-    gf: GGUFFile, model: Transformer, place: _Placement, dtype: torch.dtype, quantized: bool
+    gf: GGUFFile, model: Transformer, place: _Placement, dtype: torch.dtype, quantized: bool, head_rows: int | None
 ) -> list[str]:
     """Attach every weight to the model; returns the names of tensors dequantized despite `quantized`."""
     cfg = model.cfg
@@ -441,23 +453,35 @@ def _load_weights(
             )
         return Linear(torch.cat([dense(n, dev) for n in names]), b)
 
+    def head(name: str) -> Linear:
+        """The output head's first head_rows rows: a prefix of the tensor's bytes, as rows are stored whole."""
+        t = info(name)
+        block, size = GGML_QUANT_SIZES[t.ggml_type]
+        shape, end = (head_rows, t.shape[1]), head_rows * (t.shape[1] // block) * size
+        if quantized and t.ggml_type in PACKED_TYPES:
+            return packed_linear([_mapped(gf, name, last)[:end]], t.ggml_type, [shape], dtype)
+        if quantized and t.ggml_type not in (GT.F32, GT.F16, GT.BF16):
+            dequantized.append(f"{name} ({t.ggml_type.name})")
+        return Linear(dequantize(gf.raw(name)[:end], t.ggml_type, shape, device=last, dtype=dtype))
+
     emb = info("token_embd.weight")
     tied = "output.weight" not in gf.tensors
     quant_emb = quantized and emb.ggml_type not in (GT.F32, GT.F16, GT.BF16)
     model.output_norm = dense("output_norm.weight", last)
-    if tied and first == last and quant_emb:  # the head holds the table; the embedding reads its rows there
+    if tied and first == last and quant_emb and head_rows is None:  # the head holds the table; lookups read it
         model.output = linear([emb.name], last)
         model.embed = _tied_embedding(gf, emb, model.output, first, dtype)
-    elif tied and first == last:
+    elif tied and first == last and not quant_emb:
         model.embed = Embedding(dense(emb.name, first))
-        model.output = Linear(model.embed.weight)  # tied embeddings share storage
+        model.output = Linear(model.embed.weight[:head_rows])  # tied embeddings share storage
     else:
         if quant_emb:
             rows = torch.from_numpy(np.array(gf.raw(emb.name))).to(first).view(emb.shape[0], -1)
             model.embed = Embedding(None, rows, int(emb.ggml_type), emb.shape[1], dtype)
         else:
             model.embed = Embedding(dense(emb.name, first))
-        model.output = linear([emb.name] if tied else ["output.weight"], last)
+        name = emb.name if tied else "output.weight"
+        model.output = linear([name], last) if head_rows is None else head(name)
     for i, blk in enumerate(model.layers):
         if not isinstance(blk, Block):
             from tandem.engine.moe import load_block

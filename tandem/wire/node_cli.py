@@ -23,6 +23,7 @@ log = logging.getLogger("tandem.node")
 
 
 DEFAULT_MAX_K = 64  # tandem.wire.service.DEFAULT_MAX_K; not imported, so --help and bad options skip torch
+AUTO_HEAD_ROWS = 16384  # a CPU draft's head rows under --head-rows auto
 
 
 def build_parser(role: str, default_port: int) -> argparse.ArgumentParser:
@@ -75,8 +76,31 @@ def build_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--tls-key", default=None, help="PEM private key (gRPC only)")
     p.add_argument("--insecure", action="store_true", help="allow listening beyond loopback without a token")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests")
+    if role == "draft":
+        p.add_argument(
+            "--head-rows",
+            default="auto",
+            help="keep only the first N rows of the output head (token ids below N; BPE ids run roughly in "
+            "frequency order): a drafted token costs less, at a small cost in acceptance. 0: all rows; auto: "
+            f"{AUTO_HEAD_ROWS} on CPU, all on CUDA. The demo draft on one CPU thread: 4.4 -> 2.7 ms a token, "
+            "acceptance 0.665 -> 0.643",
+        )
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def head_rows(args: argparse.Namespace) -> int | None:
+    """The draft head's rows to keep (None: all); ValueError on a bad --head-rows."""
+    value = getattr(args, "head_rows", "0")
+    if value == "auto":
+        return None if args.device.startswith("cuda") else AUTO_HEAD_ROWS
+    try:
+        rows = int(value)
+    except ValueError:
+        raise ValueError(f"--head-rows must be a number or auto, got {value!r}") from None
+    if rows < 0:
+        raise ValueError(f"--head-rows must be >= 0, got {rows}")
+    return rows or None
 
 
 def main(role: str, default_port: int, service_class: str, argv: Sequence[str] | None = None) -> int:
@@ -100,6 +124,7 @@ def main(role: str, default_port: int, service_class: str, argv: Sequence[str] |
             raise ValueError(f"--n-cpu-moe must be >= 0, got {args.n_cpu_moe}")
         if not Path(args.model).is_file():
             raise ValueError(f"--model {args.model}: no such file")
+        rows = head_rows(args)
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -128,6 +153,7 @@ def main(role: str, default_port: int, service_class: str, argv: Sequence[str] |
             threads=args.threads,
             compile=args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda")),
             override_tensor=rules,
+            head_rows=rows,
         )
         service = make_service(engine, max_sessions=args.max_sessions, max_context=args.max_context, max_k=args.max_k)
     except (OSError, ValueError) as exc:
