@@ -197,7 +197,7 @@ class Sequence:
         self.tokens: list[int] = []
         self.finite = 0  # cache rows known to hold numbers (written, or zeroed for model.attention_span)
         self._graphs: dict[tuple[int, int], _Graph] = {}  # per (block size, span), captured on first use (CUDA)
-        self._pool: tuple[int, int] | None = None  # one memory pool for them: they never run at once
+        self._mempool: tuple[int, int] | None = None  # one memory pool for them: they never run at once
 
     def _graph(self, k: int) -> _Graph:
         end = len(self.tokens) + k
@@ -216,8 +216,8 @@ class Sequence:
                 model(tokens, pos, self.caches, span)
             torch.cuda.current_stream(dev).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            self._pool = self._pool or torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._pool):
+            self._mempool = self._mempool or torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._mempool):
                 logits = model(tokens, pos, self.caches, span)
             staging = torch.zeros(2, k, dtype=torch.long, pin_memory=True)
             g = self._graphs[k, span] = _Graph(graph, inputs, staging, torch.cuda.Event(), logits)
