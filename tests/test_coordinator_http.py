@@ -1,7 +1,7 @@
 """The coordinator's HTTP API with the official `openai` client, against real processes on loopback:
 a SmolLM2 target node, two draft nodes (a random one-layer model with SmolLM2's vocabulary, which
-almost never agrees with the target, and SmolLM2 itself, which always does) and one coordinator
-process per draft, started with the `coordinator` CLI.
+almost never agrees with the target, and SmolLM2 itself with its whole head, which always does) and one
+coordinator process per draft, started with the `coordinator` CLI.
 
 Greedy output must equal target-only decoding (`k: 0`) for 10 prompts in both modes with tuned and
 fixed draft lengths; streaming must give the same text as non-streaming; errors must be OpenAI-shaped
@@ -73,9 +73,9 @@ class Stack:
         self.procs: dict[str, subprocess.Popen] = {}
         self.ports: dict[str, int] = {}
 
-    def node(self, name: str, role: str, model: Path, port: int = 0) -> None:
+    def node(self, name: str, role: str, model: Path, *extra: str, port: int = 0) -> None:
         log = self.dir / f"{name}.log"  # one log per node: start_node_process finds the port there
-        self.procs[name], self.ports[name] = start_node_process(role, model, log, port=port)
+        self.procs[name], self.ports[name] = start_node_process(role, model, log, *extra, port=port)
 
     def coordinator(self, name: str, draft: str) -> str:
         port = free_port()
@@ -118,7 +118,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Iterator[t
     try:
         with ThreadPoolExecutor(3) as pool:  # start-up is mostly importing torch: overlap it
             list(pool.map(lambda a: s.node(*a), [("target", "target", smollm2), ("random", "draft", s.random_model),
-                                                  ("self", "draft", smollm2)]))  # fmt: skip
+                                                  ("self", "draft", smollm2, "--head-rows", "0")]))  # fmt: skip
             names = ("random", "self")
             urls = dict(zip(names, pool.map(s.coordinator, [f"coord-{n}" for n in names], names), strict=True))
         yield s, urls

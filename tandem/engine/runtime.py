@@ -473,7 +473,8 @@ def _load_weights(
         model.embed = _tied_embedding(gf, emb, model.output, first, dtype)
     elif tied and first == last and not quant_emb:
         model.embed = Embedding(dense(emb.name, first))
-        model.output = Linear(model.embed.weight[:head_rows])  # tied embeddings share storage
+        table = model.embed.weight
+        model.output = Linear(table if head_rows is None else table[:head_rows])  # tied: one storage
     else:
         if quant_emb:
             rows = torch.from_numpy(np.array(gf.raw(emb.name))).to(first).view(emb.shape[0], -1)
