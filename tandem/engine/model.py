@@ -290,17 +290,16 @@ def self_attention(
     blocks alike): writes the new keys and values at pos, returns the output projection."""
     k_new = h.shape[0]
     q, k, v = project_qkv(layer, h, cos, sin)
-    if isinstance(pos, Tensor):  # static shapes (CUDA graphs): write by index, attend over the mask's span
+    if isinstance(pos, Tensor):  # static shapes (CUDA graphs): write by index
         k_cache.index_copy_(1, pos, k.transpose(0, 1))
         v_cache.index_copy_(1, pos, v.transpose(0, 1))
-        span = mask.shape[-1]
-        attn = attention(q, k_cache[:, :span], v_cache[:, :span], mask)
     else:
-        end = pos + k_new
-        span = end if mask is None else mask.shape[-1]  # past end when padded (attention_span)
-        k_cache[:, pos:end] = k.transpose(0, 1)
-        v_cache[:, pos:end] = v.transpose(0, 1)
-        attn = attention(q, k_cache[:, :span], v_cache[:, :span], mask)
+        k_cache[:, pos : pos + k_new] = k.transpose(0, 1)
+        v_cache[:, pos : pos + k_new] = v.transpose(0, 1)
+    # The rows attended over: the mask's width where there is one (a graph's span, or attention_span's
+    # padding), else exactly the live ones.
+    span = pos + k_new if mask is None else mask.shape[-1]
+    attn = attention(q, k_cache[:, :span], v_cache[:, :span], mask)
     return layer.wo(attn.reshape(k_new, -1))
 
 

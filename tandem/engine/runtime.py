@@ -126,8 +126,9 @@ class Engine:
             torch._inductor.config.patch(combo_kernels=self.cuda_graphs),
         ):
             seq = self.new_sequence(512)
-            half = seq.max_len // 2 + 1 - 41  # to a length past half the cache: the next span is all of it
-            for k in (18, 1, 2, 20, half, 1, 2) if half > 0 else (1, 2):
+            steps = [18, 1, 2, 20]
+            half = seq.max_len // 2 + 1 - sum(steps)  # to a length past half the cache: the next span is all
+            for k in [*steps, half, 1, 2] if half > 0 else [1, 2]:
                 seq.forward([0] * k)
         return time.perf_counter() - t0
 
@@ -289,6 +290,11 @@ def _mapped(gf: GGUFFile, name: str, dev: torch.device) -> Tensor:
         return torch.from_numpy(gf.raw(name)).to(dev)
 
 
+def _row_bytes(t: TensorInfo) -> int:
+    block, size = GGML_QUANT_SIZES[t.ggml_type]
+    return t.shape[1] // block * size
+
+
 def _layer_of(name: str) -> int | None:
     return int(name.split(".")[1]) if name.startswith("blk.") else None
 
@@ -436,13 +442,17 @@ def _load_weights(
         t = info(name)
         return dequantize(gf.raw(name), t.ggml_type, t.shape, device=dev, dtype=to or dtype)
 
-    def linear(names: list[str], dev: torch.device, bias: list[str] | None = None) -> Linear:
+    def linear(names: list[str], dev: torch.device, bias: list[str] | None = None, rows: int | None = None) -> Linear:
+        """The tensors stacked as one projection; rows: only each one's first rows (a prefix of its bytes, as
+        rows are stored whole)."""
         infos = [info(n) for n in names]
         b = torch.cat([dense(n, dev) for n in bias]) if bias else None
+        shapes = [t.shape if rows is None else (rows, t.shape[1]) for t in infos]
+        ends = [None if rows is None else rows * _row_bytes(t) for t in infos]
         qtypes = {t.ggml_type for t in infos}
         if quantized and len(qtypes) == 1 and infos[0].ggml_type in PACKED_TYPES:
-            raws = [_mapped(gf, n, dev) for n in names]
-            lin = packed_linear(raws, infos[0].ggml_type, [t.shape for t in infos], dtype)
+            raws = [_mapped(gf, n, dev)[:end] for n, end in zip(names, ends, strict=True)]
+            lin = packed_linear(raws, infos[0].ggml_type, shapes, dtype)
             lin.bias = b
             return lin
         if quantized:
@@ -451,18 +461,11 @@ def _load_weights(
                 for n, t in zip(names, infos, strict=True)
                 if t.ggml_type not in (GT.F32, GT.F16, GT.BF16)
             )
-        return Linear(torch.cat([dense(n, dev) for n in names]), b)
-
-    def head(name: str) -> Linear:
-        """The output head's first head_rows rows: a prefix of the tensor's bytes, as rows are stored whole."""
-        t = info(name)
-        block, size = GGML_QUANT_SIZES[t.ggml_type]
-        shape, end = (head_rows, t.shape[1]), head_rows * (t.shape[1] // block) * size
-        if quantized and t.ggml_type in PACKED_TYPES:
-            return packed_linear([_mapped(gf, name, last)[:end]], t.ggml_type, [shape], dtype)
-        if quantized and t.ggml_type not in (GT.F32, GT.F16, GT.BF16):
-            dequantized.append(f"{name} ({t.ggml_type.name})")
-        return Linear(dequantize(gf.raw(name)[:end], t.ggml_type, shape, device=last, dtype=dtype))
+        parts = [
+            dequantize(gf.raw(n)[:end], t.ggml_type, shape, device=dev, dtype=dtype)
+            for n, t, shape, end in zip(names, infos, shapes, ends, strict=True)
+        ]
+        return Linear(torch.cat(parts), b)
 
     emb = info("token_embd.weight")
     tied = "output.weight" not in gf.tensors
@@ -481,8 +484,7 @@ def _load_weights(
             model.embed = Embedding(None, rows, int(emb.ggml_type), emb.shape[1], dtype)
         else:
             model.embed = Embedding(dense(emb.name, first))
-        name = emb.name if tied else "output.weight"
-        model.output = linear([name], last) if head_rows is None else head(name)
+        model.output = linear([emb.name] if tied else ["output.weight"], last, rows=head_rows)
     for i, blk in enumerate(model.layers):
         if not isinstance(blk, Block):
             from tandem.engine.moe import load_block
