@@ -145,7 +145,7 @@ class Batch:
         logits = self.prefill.forward(prompt)
         n = len(prompt)
         for (bk, bv), (sk, sv) in zip(self.caches, self.prefill.caches, strict=True):
-            bk[slot, :, :n] = sk[:, :n]
+            bk[slot, :, :n] = sk[:, :, :n].transpose(1, 2)  # the Sequence caches keys transposed
             bv[slot, :, :n] = sv[:, :n]
         return logits
 

@@ -152,10 +152,12 @@ class Engine:
         # Graphs attend over the whole cache (masked), so its rows must hold numbers; the eager path reads only
         # rows below the length, so it skips zero-filling a cache of hundreds of MB on every new session.
         alloc = torch.zeros if self.cuda_graphs else torch.empty
+        # Keys transposed (model.self_attention); MLA's latent rows as they are.
+        k_shape = (cfg.n_kv_heads, n, cfg.head_dim) if cfg.kv_lora_rank else (cfg.n_kv_heads, cfg.head_dim, n)
         for dev in self.model.layer_devices:
             caches.append(
                 (
-                    alloc((cfg.n_kv_heads, n, cfg.head_dim), dtype=self.dtype, device=dev),
+                    alloc(k_shape, dtype=self.dtype, device=dev),
                     alloc((cfg.n_kv_heads, n, v_dim), dtype=self.dtype, device=dev),
                 )
             )
@@ -259,11 +261,12 @@ class Sequence:
             self.tokens.extend(tokens)
             return g.logits[:k].clone() if all_logits else g.logits[k - 1 : k].clone()
         end = len(self.tokens) + k
-        span = attention_span(end, self.caches[0][0])
+        span = attention_span(end, self.caches[0][1])
         if span > max(end, self.finite):  # padded attention reads rows past the length: no NaN garbage there
             lo = max(self.finite, len(self.tokens))  # rows below the length hold what was written
+            key_dim = 1 if self.engine.config.kv_lora_rank else 2
             for kc, vc in self.caches:
-                kc[:, lo:span].zero_()
+                kc.narrow(key_dim, lo, span - lo).zero_()
                 vc[:, lo:span].zero_()
             self.finite = span
         ids = torch.tensor(tokens, dtype=torch.long, device=self.engine.input_device or self.engine.device)
