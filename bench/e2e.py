@@ -6,9 +6,10 @@ fixed k = 1..8 and tuned k, at T = 0 and T = 0.7, with the cost model's predicti
     python bench/e2e.py --draft 10.0.0.2:50052 --target 127.0.0.1:50051 --tokenizer-model t.gguf
 
 Every configuration runs the same set of distinct prompts (repeating one prompt would let a draft's
-acceptance look better than it is), one request at a time. tok/s is generated tokens over decode time
-(prefill excluded, the same for every row); "predicted" is the cost model's tokens/s for the k chosen
-each round, from the tuner's measurements at that moment. Figures depend on the machines and their load.
+acceptance look better than it is), one request at a time, each prompt under all configurations in turn.
+tok/s is generated tokens over decode time (prefill excluded, the same for every row); "predicted" is the
+cost model's tokens/s for the k chosen each round, from the tuner's measurements at that moment. Figures
+depend on the machines and their load.
 """
 
 from __future__ import annotations
@@ -94,15 +95,18 @@ class Row:
         }  # fmt: skip
 
 
-async def run_config(
-    coord: Coordinator, prompts: list[list[int]], t: float, mode: str, k: int | None, max_tokens: int
-) -> Row:
-    row = Row(t, "target-only" if k == 0 else mode, "auto" if k is None else str(k))
+async def run_configs(
+    coord: Coordinator, prompts: list[list[int]], t: float, configs: list[tuple[str, int | None]], max_tokens: int
+) -> list[Row]:
+    """Each prompt under every configuration in turn: the machine's speed drifts, and a drift must not
+    land on one configuration's rows (each would otherwise run all its prompts back to back)."""
+    rows = [Row(t, "target-only" if k == 0 else mode, "auto" if k is None else str(k)) for mode, k in configs]
     for i, ids in enumerate(prompts):
         sp = SamplingParams(temperature=t, seed=1234 + i if t > 0 else None)
-        res = await coord.run(Request(ids, max_tokens, sp, k=k, mode=mode))  # type: ignore[arg-type]
-        row.add(res.stats, res.tokens)
-    return row
+        for row, (mode, k) in zip(rows, configs, strict=True):
+            res = await coord.run(Request(ids, max_tokens, sp, k=k, mode=mode))  # type: ignore[arg-type]
+            row.add(res.stats, res.tokens)
+    return rows
 
 
 def table(rows: list[Row]) -> str:
@@ -181,14 +185,12 @@ async def main(args: argparse.Namespace) -> int:
             for t in [float(x) for x in args.temperatures.split(",")]:
                 configs: list[tuple[str, int | None]] = [("sequential", 0)]
                 configs += [(m, k) for m in modes for k in [*ks, None]]
-                for mode, k in configs:
-                    row = await run_config(coord, prompts, t, mode, k, args.max_tokens)
-                    rows.append(row)
-                    print(table([row]).splitlines()[1], file=sys.stderr, flush=True)
-                    if t == 0 and k != 0:
-                        base = next(r for r in rows if r.temperature == t and r.mode == "target-only")
-                        if row.texts != base.texts:
-                            print("  !! greedy output differs from the target alone", file=sys.stderr)
+                at = await run_configs(coord, prompts, t, configs, args.max_tokens)
+                rows += at
+                print("\n".join(table(at).splitlines()[1:]), file=sys.stderr, flush=True)
+                for row in at[1:]:
+                    if t == 0 and row.texts != at[0].texts:
+                        print(f"  !! greedy output of {row.mode} k={row.k} differs from target-only", file=sys.stderr)
             print(table(rows))
             print()
             print("\n".join(goals(rows)))
