@@ -54,6 +54,10 @@ PING_TIMEOUT = 1.5
 PING_FAILURES = 2  # consecutive failed pings that declare a node dead
 RECONNECT_INTERVAL = 0.2  # seconds between reconnection attempts to a draft marked down
 CONNECT_TIMEOUT = 10.0
+# While the target runs alone, the draft is sent the new tokens once it lags this many (beside the target's
+# call, on a node that is idle anyway), so that a probe or a return to speculation does not pay for the
+# whole stretch on its critical path.
+CATCH_UP = 32
 # Errors that mean "this session is gone on the node": resend the whole context once.
 LOST_SESSION = (Code.NOT_FOUND, Code.FAILED_PRECONDITION)
 # Draft errors specific to one request (its context or arguments): stop drafting for that request only.
@@ -650,6 +654,15 @@ class Coordinator:
         self.tuner.record_draft(len(rep.tokens), rep.timing.compute_ns / 1e9, wall)
         return rep, wall
 
+    async def _catch_up(self, stats: Stats, sid: str, tokens: list[int], held: int) -> None:
+        """Bring the draft's session to `tokens` (resending them whole if the draft lost the session)."""
+        try:
+            await self._draft_call(stats, "prefill", sid, held, tokens[held:], limit=None)
+        except NodeError as exc:
+            if exc.code not in LOST_SESSION or held == 0:
+                raise
+            await self._draft_call(stats, "prefill", sid, 0, tokens, limit=None)
+
     def _draft_failed(self, stats: Stats, exc: BaseException, k: int = 0) -> bool:
         """Account a draft failure; True when only this request should stop drafting."""
         stats.draft_failures += 1
@@ -693,7 +706,8 @@ class Coordinator:
         produced = 0
         block: list[int] = []  # a draft block ready for the next verify (a pipelined hit)
         dists: list[Any] = []
-        dprefill: asyncio.Task[Any] | None = None
+        dprefill: asyncio.Task[Any] | None = None  # the draft taking the prompt, or catching up (CATCH_UP)
+        dprefill_to = len(ctx) - 1  # what the draft holds once dprefill is done
         stale: asyncio.Task[Any] | None = None  # a pipelined propose whose block was dropped
 
         def draft_ctx() -> int:
@@ -734,7 +748,7 @@ class Coordinator:
                     if dprefill is not None and dprefill.done():
                         try:
                             dprefill.result()
-                            d_held = len(req.prompt) - 1
+                            d_held = dprefill_to
                         except (NodeError, TimeoutError) as exc:
                             use_draft = not self._draft_failed(stats, exc) and use_draft
                         dprefill = None
@@ -764,6 +778,18 @@ class Coordinator:
                     t_round = time.perf_counter()
                     vtask = asyncio.ensure_future(self._verify(stats, sid, ctx, t_held, block, dists, sp))
                     vtask.add_done_callback(_consume)
+                    if (
+                        k == 0
+                        and dprefill is None
+                        and draft is not None
+                        and use_draft
+                        and draft.up
+                        and len(ctx) - 1 - d_held >= CATCH_UP
+                        and len(ctx) <= draft_ctx()
+                    ):
+                        dprefill_to = len(ctx) - 1
+                        dprefill = asyncio.ensure_future(self._catch_up(stats, sid, ctx[:dprefill_to], d_held))
+                        dprefill.add_done_callback(_consume)
                     ahead: asyncio.Task[Any] | None = None
                     k2 = 0
                     if mode == "pipelined" and k > 0 and use_draft and draft is not None and draft.up:

@@ -25,6 +25,7 @@ import torch
 from scipy import stats
 
 from coordinator.loop import (
+    CATCH_UP,
     Coordinator,
     CoordinatorError,
     Request,
@@ -151,6 +152,33 @@ def test_auto_k_drafts_where_it_pays_and_not_where_it_cannot(models: Models, nod
         asyncio.run(go())
     finally:
         slow.stop(0)
+
+
+def test_an_idle_draft_is_kept_caught_up(models: Models, nodes: dict[str, NodeThread]) -> None:
+    """While the target runs alone, the draft is sent the new tokens beside the target's calls, so that it
+    never lags far behind (a probe would otherwise pay for the whole stretch). Probes are off here: without
+    the catch-up the draft's session would stay at the prompt."""
+    draft = NodeThread(DraftService(models.other, max_sessions=4))
+
+    async def go() -> tuple[Stats, list[int]]:
+        async with coordinator(nodes["target-grpc"].url, draft.url, models) as c:
+            await c.run(Request(prompts(1, seed=4)[0], 24, ignore_eos=True))  # the tuner learns: drafting cannot pay
+            c.tuner.probe_budget = 0.0
+            req, stats = Request(prompts(1, seed=5)[0], 150, ignore_eos=True), Stats()
+            n, lags = len(req.prompt), []
+            async with aclosing(c.rounds(req, stats)) as rounds:
+                async for out in rounds:
+                    n += len(out)
+                    live = [s for s in draft.service.sessions.values() if s.seq is not None and not s.closed]
+                    lags.append(n - 1 - max(len(s.seq) for s in live))
+            return stats, lags
+
+    try:
+        stats, lags = asyncio.run(go())
+    finally:
+        draft.stop(0)
+    assert stats.k_hist[0] == stats.rounds, stats.k_hist
+    assert max(lags) <= CATCH_UP + 8 and lags[-1] < max(lags), lags
 
 
 # --- sampling ---------------------------------------------------------------------------------
