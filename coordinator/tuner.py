@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from tandem.cost_model import Costs, Mode, best_k, expected_tokens, round_time, tokens_per_second
+from tandem.cost_model import Costs, Mode, best_k, expected_tokens, round_time, throughputs, tokens_per_second
 
 __all__ = ["LinearFit", "RequestState", "Tuner"]
 
@@ -246,7 +246,8 @@ class Tuner:
         if costs is None:
             return min(self.initial_k, cap)
         alpha = self.alpha(request)
-        k, _ = best_k(alpha, costs, mode, cap)
+        tps = throughputs(alpha, costs, mode, cap)
+        k = tps.index(max(tps))
         if k == 0:
             if cap == 0:
                 return 0
@@ -254,7 +255,7 @@ class Tuner:
             # covers that round's predicted loss against making the same tokens at k = 0. Near
             # break-even the loss is small and probes come often; hopeless drafts are rarely tried.
             t0 = round_time(costs, 0, mode)
-            probe = max(range(1, cap + 1), key=lambda j: tokens_per_second(alpha, j, costs, mode))
+            probe = tps.index(max(tps[1:]), 1)
             request.probe_credit += self.probe_budget * t0
             loss = round_time(costs, probe, mode, alpha) - expected_tokens(alpha, probe) * t0
             if request.probe_credit >= loss:

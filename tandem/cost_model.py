@@ -33,6 +33,7 @@ __all__ = [
     "draft_side",
     "expected_tokens",
     "round_time",
+    "throughputs",
     "tokens_per_second",
     "verify_side",
 ]
@@ -106,14 +107,31 @@ def tokens_per_second(alpha: float, k: int, costs: Costs, mode: Mode = "sequenti
     return expected_tokens(alpha, k) / round_time(costs, k, mode, alpha)
 
 
+def throughputs(alpha: float, costs: Costs, mode: Mode = "sequential", max_k: int = 16) -> list[float]:
+    """tokens_per_second for k = 0..max_k in one pass: the tuner asks every round, and a round on a GPU is
+    a couple of milliseconds (the per-k calls took ~55 us)."""
+    alpha, max_k = _check_alpha(alpha), _check_k(max_k)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    powers = [alpha**i for i in range(max_k + 2)]
+    v0, d0 = costs.rtt_target + costs.verify_intercept, costs.rtt_draft + costs.draft_overhead
+    out = [1.0 / (v0 + costs.round_overhead)]
+    for k in range(1, max_k + 1):
+        d, v = d0 + k * costs.draft_per_token, v0 + k * costs.verify_slope
+        if mode == "sequential":
+            t = d + v
+        else:
+            w = powers[k + 1]
+            t = w * max(d, v) + (1.0 - w) * (d + v)
+        out.append(math.fsum(powers[: k + 1]) / (max(t + costs.spec_overhead, v) + costs.round_overhead))
+    return out
+
+
 def best_k(alpha: float, costs: Costs, mode: Mode = "sequential", max_k: int = 16) -> tuple[int, float]:
     """(k, predicted tokens/s) maximising throughput over 0..max_k; ties go to the shorter draft."""
-    best = (0, tokens_per_second(alpha, 0, costs, mode))
-    for k in range(1, _check_k(max_k) + 1):
-        tps = tokens_per_second(alpha, k, costs, mode)
-        if tps > best[1]:
-            best = (k, tps)
-    return best
+    tps = throughputs(alpha, costs, mode, max_k)
+    k = tps.index(max(tps))
+    return k, tps[k]
 
 
 def break_even_alpha(costs: Costs, k: int, mode: Mode = "sequential") -> float:

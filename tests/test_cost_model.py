@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -10,6 +11,7 @@ from tandem.cost_model import (
     break_even_alpha,
     expected_tokens,
     round_time,
+    throughputs,
     tokens_per_second,
 )
 
@@ -62,6 +64,21 @@ def test_best_k() -> None:
     slow = Costs(0.02, 0.0, 0.006, 0.003, 0.020, 0.002)
     assert best_k(0.3, slow) == (0, pytest.approx(1 / 0.020))
     assert best_k(0.95, COSTS, "pipelined")[1] > best_k(0.95, COSTS, "sequential")[1]
+
+
+def test_throughputs_are_tokens_per_second_at_every_k() -> None:
+    """The one-pass form the tuner uses every round gives the per-k function's values, bit for bit."""
+    rng = random.Random(0)
+    for _ in range(2000):
+        costs = Costs(*(rng.uniform(0, 0.01) for _ in range(6)), rng.uniform(0, 0.002), rng.uniform(-0.002, 0.002))
+        alpha, mode, max_k = (
+            rng.choice([0.0, 1.0, rng.random()]),
+            rng.choice(["sequential", "pipelined"]),
+            rng.randrange(17),
+        )
+        assert throughputs(alpha, costs, mode, max_k) == [
+            tokens_per_second(alpha, k, costs, mode) for k in range(max_k + 1)
+        ]
 
 
 def test_break_even_matches_design_rule_for_one_token() -> None:
