@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from tandem.engine.model import apply_rope
 from tandem.engine.runtime import load_engine
 from tools.write_gguf import random_model, write_gguf
 
@@ -258,3 +259,18 @@ def test_a_cut_head_gives_the_full_heads_first_logits(
             torch.testing.assert_close(got, want[:, :100], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="at least 1"):
         load_engine(path, head_rows=0)
+
+
+def test_eager_rope_as_complex_pairs_is_the_real_formula_bit_for_bit() -> None:
+    """Eager mode rotates llama's interleaved pairs as complex numbers (one multiply instead of a dozen ops);
+    compiled code keeps the real formula. The complex form must not change a bit of the result."""
+    torch.manual_seed(0)
+    for n, heads, hd, rope_dim, dtype in ((1, 12, 64, 64, torch.bfloat16), (9, 3, 64, 32, torch.float32)):
+        x = torch.randn(n, heads, hd, dtype=dtype)
+        cos, sin = torch.randn(n, rope_dim // 2), torch.randn(n, rope_dim // 2)
+        rot = x[..., :rope_dim].float()
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        c, s = cos[:, None, :], sin[:, None, :]
+        real = torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2).to(dtype)
+        want = torch.cat((real, x[..., rope_dim:]), dim=-1)
+        assert torch.equal(apply_rope(x, cos, sin, neox=False), want)
