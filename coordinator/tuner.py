@@ -3,7 +3,9 @@
 Measurements feed the cost model (tandem.cost_model): draft compute as overhead + per_token*k and
 target verify compute as a + b*k, both fitted by exponentially forgotten least squares; link times
 as EWMAs of reply wall time minus node-reported compute; acceptance as Beta counts, a global prior
-shared by all requests plus each request's own counts; and what rounds cost beyond all that, as EWMAs
+per kind of decoding (greedy and sampled requests accept at different rates: a sampled one checks its
+draft against a distribution, not an argmax), shrunk toward the pooled estimate, plus each request's
+own counts; and what rounds cost beyond all that, as EWMAs
 of each round's wall time minus the model's, apart for target-only and speculative rounds (the model's
 blind spots: the draft catching up after target-only stretches, the coordinator's own work).
 choose_k maximises predicted tokens/s.
@@ -70,6 +72,7 @@ class LinearFit:
 class RequestState:
     """One request's acceptance counts and exploration state."""
 
+    greedy: bool = True
     accepted: float = 0.0
     rejected: float = 0.0
     probe_credit: float = 0.0
@@ -114,14 +117,13 @@ class Tuner:
         self.rtt_target: float | None = None
         self.extra_alone: float | None = None  # round wall time beyond the model, k = 0
         self.extra_spec: float | None = None  # the same, k > 0
-        self.global_accepted = 0.0
-        self.global_rejected = 0.0
+        self.global_counts = {True: [0.0, 0.0], False: [0.0, 0.0]}  # greedy -> [accepted, rejected]
         self.rounds = 0
 
     # -- measurements ---------------------------------------------------------------------------
 
-    def new_request(self) -> RequestState:
-        return RequestState()
+    def new_request(self, greedy: bool = True) -> RequestState:
+        return RequestState(greedy=greedy)
 
     def _rtt(self, old: float | None, wall_s: float, compute_s: float) -> float:
         sample = max(wall_s - compute_s, 0.0)
@@ -171,8 +173,9 @@ class Tuner:
             return
         rejected = 1.0 if n_accepted < k else 0.0
         g, r = self.global_decay, self.request_decay
-        self.global_accepted = g * self.global_accepted + n_accepted
-        self.global_rejected = g * self.global_rejected + rejected
+        counts = self.global_counts[request.greedy]
+        counts[0] = g * counts[0] + n_accepted
+        counts[1] = g * counts[1] + rejected
         request.accepted = r * request.accepted + n_accepted
         request.rejected = r * request.rejected + rejected
 
@@ -194,16 +197,22 @@ class Tuner:
 
     # -- estimates ------------------------------------------------------------------------------
 
-    def global_alpha(self) -> float:
+    def global_alpha(self, greedy: bool | None = None) -> float:
+        """All requests' acceptance rate (None), or that of greedy or sampled ones, shrunk toward it."""
         s = self.prior_strength
-        a, r = self.global_accepted, self.global_rejected
-        return (a + s * self.prior_alpha) / (a + r + s)
+        a = sum(c[0] for c in self.global_counts.values())
+        r = sum(c[1] for c in self.global_counts.values())
+        pooled = (a + s * self.prior_alpha) / (a + r + s)
+        if greedy is None:
+            return pooled
+        a, r = self.global_counts[greedy]
+        return (a + s * pooled) / (a + r + s)
 
     def alpha(self, request: RequestState | None = None) -> float:
-        """Posterior mean acceptance rate: the request's counts over the global estimate as prior."""
-        g = self.global_alpha()
+        """Posterior mean acceptance rate: the request's counts over its kind's global estimate as prior."""
         if request is None:
-            return g
+            return self.global_alpha()
+        g = self.global_alpha(request.greedy)
         s = self.request_prior_strength
         return (request.accepted + s * g) / (request.accepted + request.rejected + s)
 

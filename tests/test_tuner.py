@@ -208,6 +208,23 @@ def test_alpha_prior_then_request_counts() -> None:
         tuner.record_acceptance(a, 2, 3)
 
 
+def test_greedy_and_sampled_requests_learn_their_own_acceptance() -> None:
+    """Greedy requests accepting most drafts must not make a new sampled request expect the same."""
+    tuner = Tuner(prior_alpha=0.5, prior_strength=8.0)
+    greedy, sampled = tuner.new_request(greedy=True), tuner.new_request(greedy=False)
+    for _ in range(200):
+        tuner.record_acceptance(greedy, 4, 4)  # nearly everything accepted
+        tuner.record_acceptance(sampled, 4, 0)  # nothing accepted
+    fresh_greedy, fresh_sampled = tuner.new_request(greedy=True), tuner.new_request(greedy=False)
+    assert tuner.alpha(fresh_greedy) > 0.9 and tuner.alpha(fresh_sampled) < 0.1
+    assert tuner.alpha(fresh_sampled) < tuner.global_alpha() < tuner.alpha(fresh_greedy)
+    # A kind with no data of its own yet starts from the pooled estimate.
+    other = Tuner(prior_alpha=0.5, prior_strength=8.0)
+    for _ in range(200):
+        other.record_acceptance(other.new_request(greedy=True), 4, 4)
+    assert other.global_alpha(greedy=False) == pytest.approx(other.global_alpha())
+
+
 def test_linear_fit_recovers_line_and_uses_prior_when_flat() -> None:
     fit = LinearFit(decay=0.99, prior_b=0.0)
     assert fit.coefficients() is None
