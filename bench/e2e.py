@@ -96,14 +96,23 @@ class Row:
 
 
 async def run_configs(
-    coord: Coordinator, prompts: list[list[int]], t: float, configs: list[tuple[str, int | None]], max_tokens: int
+    fixed: Coordinator,
+    tuned: Coordinator,
+    prompts: list[list[int]],
+    t: float,
+    configs: list[tuple[str, int | None]],
+    max_tokens: int,
 ) -> list[Row]:
     """Each prompt under every configuration in turn: the machine's speed drifts, and a drift must not
-    land on one configuration's rows (each would otherwise run all its prompts back to back)."""
+    land on one configuration's rows (each would otherwise run all its prompts back to back). Tuned rows
+    go through a coordinator of their own, whose tuner learns only from its own choices, as in service:
+    rounds forced to a fixed k (pipelined ones overlapping on a shared GPU, say) would teach it costs
+    its own choices never meet."""
     rows = [Row(t, "target-only" if k == 0 else mode, "auto" if k is None else str(k)) for mode, k in configs]
     for i, ids in enumerate(prompts):
         sp = SamplingParams(temperature=t, seed=1234 + i if t > 0 else None)
         for row, (mode, k) in zip(rows, configs, strict=True):
+            coord = tuned if k is None else fixed
             res = await coord.run(Request(ids, max_tokens, sp, k=k, mode=mode))  # type: ignore[arg-type]
             row.add(res.stats, res.tokens)
     return rows
@@ -174,18 +183,22 @@ async def main(args: argparse.Namespace) -> int:
             target_url = await embedded.wait(handles["target"])
         if "draft" in handles:
             draft_url = await embedded.wait(handles["draft"])
-        coord = await Coordinator.connect(target_url, draft_url, tokenizer, settings=Settings(max_k=args.max_k))
+        settings = Settings(max_k=args.max_k)
+        fixed = await Coordinator.connect(target_url, draft_url, tokenizer, settings=settings)
+        tuned = await Coordinator.connect(target_url, draft_url, tokenizer, settings=settings)
         try:
             prompts = [tokenizer.encode(p) for p in PROMPTS[: args.prompts]]
             ks = [int(k) for k in args.ks.split(",") if k]
             modes = [m for m in args.modes.split(",") if m]
-            for mode in modes:  # warm both nodes and the tuner up (first forwards are slow)
-                await coord.run(Request(tokenizer.encode("Warm-up: the quick brown fox"), 8, k=2, mode=mode))  # type: ignore[arg-type]
+            warm = tokenizer.encode("Warm-up: the quick brown fox")
+            for mode in modes:  # warm both nodes and the tuners up (first forwards are slow)
+                await fixed.run(Request(warm, 8, k=2, mode=mode))  # type: ignore[arg-type]
+                await tuned.run(Request(warm, 8, mode=mode))  # type: ignore[arg-type]
             rows: list[Row] = []
             for t in [float(x) for x in args.temperatures.split(",")]:
                 configs: list[tuple[str, int | None]] = [("sequential", 0)]
                 configs += [(m, k) for m in modes for k in [*ks, None]]
-                at = await run_configs(coord, prompts, t, configs, args.max_tokens)
+                at = await run_configs(fixed, tuned, prompts, t, configs, args.max_tokens)
                 rows += at
                 print("\n".join(table(at).splitlines()[1:]), file=sys.stderr, flush=True)
                 for row in at[1:]:
@@ -194,14 +207,15 @@ async def main(args: argparse.Namespace) -> int:
             print(table(rows))
             print()
             print("\n".join(goals(rows)))
-            if (costs := coord.tuner.costs()) is not None:  # where a round's time goes, as the tuner saw it
+            if (costs := tuned.tuner.costs()) is not None:  # where a round's time goes, as the tuner saw it
                 print(
                     "tuner's costs at the end, ms: " + ", ".join(f"{n} {1e3 * v:.3f}" for n, v in vars(costs).items())
                 )
             if args.json:
                 Path(args.json).write_text(json.dumps([r.as_dict() for r in rows], indent=1))
         finally:
-            await coord.aclose()
+            await fixed.aclose()
+            await tuned.aclose()
     finally:
         embedded.stop()
     return 0
