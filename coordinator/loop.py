@@ -726,9 +726,8 @@ class Coordinator:
                 self.target_suspect = False
             try:
                 if draft is not None and draft.up and 1 < len(ctx) <= draft_ctx():
-                    dprefill = asyncio.ensure_future(
-                        self._draft_call(stats, "prefill", sid, 0, ctx[:-1], limit=None)
-                    )  # runs beside the target's prefill; rounds stay target-only until it is done
+                    # Beside the target's prefill; rounds stay target-only until it is done.
+                    dprefill = asyncio.ensure_future(self._catch_up(stats, sid, ctx[:-1], 0))
                     dprefill.add_done_callback(_consume)
                 if len(ctx) > 1:
                     try:

@@ -92,13 +92,15 @@ def round_time(costs: Costs, k: int, mode: Mode = "sequential", alpha: float | N
     d, v = draft_side(costs, k), verify_side(costs, k)
     if k == 0:
         return v + costs.round_overhead
-    if mode == "sequential":
-        t = d + v
-    elif alpha is None:
+    if mode == "pipelined" and alpha is None:
         raise ValueError("pipelined round time needs the acceptance rate alpha")
-    else:
-        w = _check_alpha(alpha) ** (k + 1)
-        t = w * max(d, v) + (1.0 - w) * (d + v)
+    w = 0.0 if mode == "sequential" else _check_alpha(alpha) ** (k + 1)
+    return _speculative_round(costs, d, v, w, mode)
+
+
+def _speculative_round(costs: Costs, d: float, v: float, w: float, mode: Mode) -> float:
+    """A round with k > 0 from its draft side d, verify side v and (pipelined) the bet's odds w."""
+    t = d + v if mode == "sequential" else w * max(d, v) + (1.0 - w) * (d + v)
     # A negative spec_overhead (rounds measured cheaper than the terms say) never beats the target call alone.
     return max(t + costs.spec_overhead, v) + costs.round_overhead
 
@@ -118,12 +120,7 @@ def throughputs(alpha: float, costs: Costs, mode: Mode = "sequential", max_k: in
     out = [1.0 / (v0 + costs.round_overhead)]
     for k in range(1, max_k + 1):
         d, v = d0 + k * costs.draft_per_token, v0 + k * costs.verify_slope
-        if mode == "sequential":
-            t = d + v
-        else:
-            w = powers[k + 1]
-            t = w * max(d, v) + (1.0 - w) * (d + v)
-        out.append(math.fsum(powers[: k + 1]) / (max(t + costs.spec_overhead, v) + costs.round_overhead))
+        out.append(math.fsum(powers[: k + 1]) / _speculative_round(costs, d, v, powers[k + 1], mode))
     return out
 
 

@@ -301,7 +301,7 @@ def self_attention(
 
     Keys are cached transposed, [kv_heads, head_dim, len] (values as [kv_heads, len, head_dim]): q.k then reads
     rows of the cache in order. On CPU a bfloat16 matmul against the other layout's transposed view took 65 us
-    a layer at 512 cached tokens (27 us now), a quarter of SmolLM2's decode step."""
+    a layer at 512 cached tokens (28 us now), a quarter of SmolLM2's decode step."""
     k_new = h.shape[0]
     q, k, v = project_qkv(layer, h, cos, sin)
     if isinstance(pos, Tensor):  # static shapes (CUDA graphs): write by index
