@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from tandem.engine.model import apply_rope
+from tandem.engine import cuda_attention
+from tandem.engine.model import apply_rope, attention
 from tandem.engine.runtime import load_engine
 from tools.write_gguf import random_model, write_gguf
 
@@ -274,3 +275,25 @@ def test_eager_rope_as_complex_pairs_is_the_real_formula_bit_for_bit() -> None:
         real = torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2).to(dtype)
         want = torch.cat((real, x[..., rope_dim:]), dim=-1)
         assert torch.equal(apply_rope(x, cos, sin, neox=False), want)
+
+
+@pytest.mark.skipif(not cuda_attention.available(torch.device(DEVICE)), reason="the Triton kernel runs on CUDA")
+def test_cuda_attention_kernel_equals_the_matmul_attention_and_is_row_invariant() -> None:
+    """The one-kernel attention against model.attention with its explicit mask, on shapes that are not
+    multiples of the kernel's tiles; and a decode step's row is bit for bit the same row of a verify block."""
+    torch.manual_seed(0)
+    shapes = ((1, 9, 3, 64, 300, 130), (5, 9, 3, 64, 300, 200), (17, 9, 3, 64, 300, 0), (3, 8, 8, 96, 200, 70))
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 3e-3)):
+        for k, nh, nkv, hd, length, p0 in shapes:
+            q = torch.randn(k, nh + nkv, hd, device=DEVICE, dtype=dtype)[:, :nh]  # a view, as project_qkv gives
+            keys_t = torch.randn(nkv, hd, length, device=DEVICE, dtype=dtype)
+            values = torch.randn(nkv, length, hd, device=DEVICE, dtype=dtype)
+            positions = torch.arange(p0, p0 + k, device=DEVICE)
+            span = p0 + k
+            mask = torch.arange(span, device=DEVICE)[None, :] <= positions[:, None]
+            want = attention(q, keys_t[:, :, :span], values[:, :span], mask).reshape(k, -1).float()
+            got = cuda_attention.gqa_attention(q, keys_t, values, positions)
+            assert rel_err(got.reshape(k, -1).float(), want) <= tol, (dtype, k, nh, nkv, hd)
+            for i in range(k):
+                one = cuda_attention.gqa_attention(q[i : i + 1], keys_t, values, positions[i : i + 1])
+                assert torch.equal(one, got[i : i + 1]), (dtype, k, i)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tandem.engine import cuda_attention
 from tandem.engine.qlinear import Linear, raw_rows
 
 MOE_ARCHS = ("qwen2moe", "qwen3moe", "deepseek2")
@@ -310,10 +311,14 @@ def self_attention(
     else:
         k_cache[:, :, pos : pos + k_new] = k.permute(1, 2, 0)
         v_cache[:, pos : pos + k_new] = v.transpose(0, 1)
-    # The rows attended over: the mask's width where there is one (a graph's span, or attention_span's
-    # padding), else exactly the live ones.
-    span = pos + k_new if mask is None else mask.shape[-1]
-    attn = attention(q, k_cache[:, :, :span], v_cache[:, :span], mask)
+    if k_new <= cuda_attention.MAX_TOKENS and cuda_attention.available(q.device):  # the mask is implied
+        positions = pos if isinstance(pos, Tensor) else torch.arange(pos, pos + k_new, device=q.device)
+        attn = cuda_attention.gqa_attention(q, k_cache, v_cache, positions)
+    else:
+        # The rows attended over: the mask's width where there is one (a graph's span, or attention_span's
+        # padding), else exactly the live ones.
+        span = pos + k_new if mask is None else mask.shape[-1]
+        attn = attention(q, k_cache[:, :, :span], v_cache[:, :span], mask)
     return layer.wo(attn.reshape(k_new, -1))
 
 
@@ -370,6 +375,15 @@ class Transformer(nn.Module):
         self.sin: Tensor
         self.layer_devices: list[torch.device] = []
 
+    def needs_mask(self, k_new: int) -> bool:
+        """cuda_attention's kernels imply the mask and read only live rows; a prompt, a layer on the CPU, or
+        MLA's attention needs the mask built and attends over a span."""
+        return (
+            k_new > cuda_attention.MAX_TOKENS
+            or self.cfg.kv_lora_rank > 0
+            or not all(cuda_attention.available(d) for d in self.layer_devices)
+        )
+
     def forward(
         self, tokens: Tensor, pos: int | Tensor, caches: list[tuple[Tensor, Tensor]], span: int | None = None
     ) -> Tensor:
@@ -381,12 +395,14 @@ class Transformer(nn.Module):
         k_new = tokens.shape[0]
         x = self.embed(tokens)
         mask = None
+        masked = self.needs_mask(k_new)
         if isinstance(pos, Tensor):
-            mask = torch.arange(span or caches[0][1].shape[1], device=x.device)[None, :] <= pos[:, None]
+            if masked:
+                mask = torch.arange(span or caches[0][1].shape[1], device=x.device)[None, :] <= pos[:, None]
             cos, sin = self.cos[pos], self.sin[pos]
         else:
             span = attention_span(pos + k_new, caches[0][1])
-            if k_new > 1 or span > pos + k_new:
+            if masked and (k_new > 1 or span > pos + k_new):
                 # Causal among the new tokens; everything cached before pos is visible, padding never.
                 idx = torch.arange(span, device=x.device)
                 mask = idx[None, :] <= (pos + torch.arange(k_new, device=x.device))[:, None]

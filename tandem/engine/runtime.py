@@ -205,6 +205,8 @@ class Sequence:
     def _graph(self, k: int) -> _Graph:
         end = len(self.tokens) + k
         span = min(max(GRAPH_MIN_SPAN, 1 << (end - 1).bit_length()), self.max_len)
+        if not self.engine.model.needs_mask(k):  # cuda_attention reads the live rows whatever the span
+            span = self.max_len
         g = self._graphs.get((k, span))
         if g is None:
             t0 = time.perf_counter()
