@@ -116,8 +116,8 @@ class Engine:
             layer.compile(dynamic=True)
         self.model.logits = torch.compile(self.model.logits, dynamic=True)
         # Each path once, so that no session waits on a compile: a prompt at 0, a decode and a verify block
-        # (graphs on CUDA, over part of the cache), prompt chunks past 0, then a decode and a verify block over
-        # the whole cache. 512 rows: a multiple of 16 like context lengths, which Triton specializes on. Sizes
+        # (graphs on CUDA), a block too long for a graph but short enough for cuda_attention, a prompt chunk
+        # past 0, then a decode and a verify block over the whole cache. 512 rows: a multiple of 16 like context lengths, which Triton specializes on. Sizes
         # that happen to be equal in one call (a 64-row attention span and head_dim 64) are not assumed equal
         # for good (duck shapes), or each call that breaks the coincidence would recompile. Combo kernels
         # launch independent small kernels as one (412 -> 352 a decode step).
@@ -126,7 +126,7 @@ class Engine:
             torch._inductor.config.patch(combo_kernels=self.cuda_graphs),
         ):
             seq = self.new_sequence(512)
-            steps = [18, 1, 2, 20]
+            steps = [40, 1, 2, 20, 36]
             half = seq.max_len // 2 + 1 - sum(steps)  # to a length past half the cache: the next span is all
             for k in [*steps, half, 1, 2] if half > 0 else [1, 2]:
                 seq.forward([0] * k)
