@@ -102,19 +102,25 @@ async def run_configs(
     t: float,
     configs: list[tuple[str, int | None]],
     max_tokens: int,
+    repeats: int = 1,
 ) -> list[Row]:
     """Each prompt under every configuration in turn: the machine's speed drifts, and a drift must not
-    land on one configuration's rows (each would otherwise run all its prompts back to back). Tuned rows
-    go through a coordinator of their own, whose tuner learns only from its own choices, as in service:
-    rounds forced to a fixed k (pipelined ones overlapping on a shared GPU, say) would teach it costs
-    its own choices never meet."""
+    land on one configuration's rows (each would otherwise run all its prompts back to back). The order
+    rotates from prompt to prompt, so that no configuration always runs first. Tuned rows go through a
+    coordinator of their own, whose tuner learns only from its own choices, as in service: rounds forced
+    to a fixed k (pipelined ones overlapping on a shared GPU, say) would teach it costs its own choices
+    never meet. With repeats, the whole set runs again and each row sums over all of them."""
     rows = [Row(t, "target-only" if k == 0 else mode, "auto" if k is None else str(k)) for mode, k in configs]
-    for i, ids in enumerate(prompts):
-        sp = SamplingParams(temperature=t, seed=1234 + i if t > 0 else None)
-        for row, (mode, k) in zip(rows, configs, strict=True):
-            coord = tuned if k is None else fixed
-            res = await coord.run(Request(ids, max_tokens, sp, k=k, mode=mode))  # type: ignore[arg-type]
-            row.add(res.stats, res.tokens)
+    turn = 0
+    for _ in range(repeats):
+        for i, ids in enumerate(prompts):
+            sp = SamplingParams(temperature=t, seed=1234 + i if t > 0 else None)
+            for j in range(len(configs)):
+                row, (mode, k) = rows[(turn + j) % len(rows)], configs[(turn + j) % len(rows)]
+                coord = tuned if k is None else fixed
+                res = await coord.run(Request(ids, max_tokens, sp, k=k, mode=mode))  # type: ignore[arg-type]
+                row.add(res.stats, res.tokens)
+            turn += 1
     return rows
 
 
@@ -198,7 +204,7 @@ async def main(args: argparse.Namespace) -> int:
             for t in [float(x) for x in args.temperatures.split(",")]:
                 configs: list[tuple[str, int | None]] = [("sequential", 0)]
                 configs += [(m, k) for m in modes for k in [*ks, None]]
-                at = await run_configs(fixed, tuned, prompts, t, configs, args.max_tokens)
+                at = await run_configs(fixed, tuned, prompts, t, configs, args.max_tokens, args.repeats)
                 rows += at
                 print("\n".join(table(at).splitlines()[1:]), file=sys.stderr, flush=True)
                 for row in at[1:]:
@@ -230,6 +236,7 @@ if __name__ == "__main__":
     ap.add_argument("--tokenizer-model", default=None, help="default: --target-model")
     ap.add_argument("--prompts", type=int, default=8, help=f"how many distinct prompts (at most {len(PROMPTS)})")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=1, help="run the prompt set this many times (less noise)")
     ap.add_argument("--ks", default="1,2,3,4,5,6,7,8", help="fixed draft lengths to run")
     ap.add_argument("--modes", default="sequential,pipelined")
     ap.add_argument("--temperatures", default="0,0.7")

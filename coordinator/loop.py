@@ -651,7 +651,8 @@ class Coordinator:
                 raise
             # A restarted or evicting draft: catch it up (not a sample of drafting speed).
             return await self._draft_call(stats, "propose", sid, 0, ctx, *args, limit=limit)
-        self.tuner.record_draft(len(rep.tokens), rep.timing.compute_ns / 1e9, wall)
+        if len(ctx) - held <= 2:  # a drafting sample, not one that also took a stretch of context
+            self.tuner.record_draft(len(rep.tokens), rep.timing.compute_ns / 1e9, wall)
         return rep, wall
 
     async def _catch_up(self, stats: Stats, sid: str, tokens: list[int], held: int) -> None:

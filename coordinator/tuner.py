@@ -30,6 +30,9 @@ from tandem.cost_model import Costs, Mode, best_k, expected_tokens, round_time, 
 __all__ = ["LinearFit", "RequestState", "Tuner"]
 
 
+OUTLIER = 4.0  # a cost sample counts as at most this many times the fit's prediction
+
+
 class LinearFit:
     """Weighted least squares y = a + b*x with forgetting, plus a weak ridge prior on a and/or b.
 
@@ -45,6 +48,12 @@ class LinearFit:
         self.s0 = self.sx = self.sxx = self.sy = self.sxy = 0.0
 
     def add(self, x: float, y: float) -> None:
+        """One sample; past the first few, y is capped at OUTLIER times the fit's prediction. A one-off
+        stall (a kernel compiled on first use, a graph captured for a new session) measured 35-1,000x a
+        GPU step, and with no later samples at that k it would have held the fit up for good; a lasting
+        change still moves the fit, a capped step at a time."""
+        if self.s0 >= 4 and (coef := self.coefficients()) is not None:
+            y = min(y, OUTLIER * max(coef[0] + coef[1] * x, 1e-6))
         d = self.decay
         self.s0 = d * self.s0 + 1.0
         self.sx = d * self.sx + x

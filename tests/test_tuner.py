@@ -268,3 +268,17 @@ def test_choose_k_respects_limit_and_starts_at_initial_k() -> None:
     assert tuner.choose_k(request, limit=3) <= 3
     assert tuner.choose_k(request, limit=0) == 0
     assert tuner.predicted_tps(request) > 1 / 0.02
+
+
+def test_one_stall_does_not_hold_the_fit_up_but_a_lasting_change_moves_it() -> None:
+    """A draft call that compiled a kernel (1 s against 2 ms) is capped; a lasting 3x slowdown is learned."""
+    fit = LinearFit(0.99, prior_a=0.0, prior_weight=0.1)
+    for i in range(200):
+        fit.add(1 + i % 4, 0.002 * (1 + i % 4))
+    fit.add(2, 1.0)
+    a, b = fit.coefficients()
+    assert a + 2 * b == pytest.approx(0.004, rel=0.1)  # uncapped, the stall alone lifts it 3.7x
+    for i in range(400):
+        fit.add(1 + i % 4, 0.006 * (1 + i % 4))
+    a, b = fit.coefficients()
+    assert a + 2 * b == pytest.approx(0.012, rel=0.05)

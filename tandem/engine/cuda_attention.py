@@ -36,7 +36,7 @@ def available(device: torch.device) -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["k_new"])  # one build for every block size (k_new == 1 would be another)
     def _split_kernel(
         q, keys_t, values, part_m, part_l, part_acc, positions,
         k_new, group, scale,

@@ -117,10 +117,11 @@ class Engine:
         self.model.logits = torch.compile(self.model.logits, dynamic=True)
         # Each path once, so that no session waits on a compile: a prompt at 0, a decode and a verify block
         # (graphs on CUDA), a block too long for a graph but short enough for cuda_attention, a prompt chunk
-        # past 0, then a decode and a verify block over the whole cache. 512 rows: a multiple of 16 like context lengths, which Triton specializes on. Sizes
-        # that happen to be equal in one call (a 64-row attention span and head_dim 64) are not assumed equal
-        # for good (duck shapes), or each call that breaks the coincidence would recompile. Combo kernels
-        # launch independent small kernels as one (412 -> 352 a decode step).
+        # past 0, then a decode and a verify block over the whole cache. 512 rows: a multiple of 16 like
+        # context lengths, which Triton specializes on. Sizes that happen to be equal in one call (a 64-row
+        # attention span and head_dim 64) are not assumed equal for good (duck shapes), or each call that
+        # breaks the coincidence would recompile. Combo kernels launch independent small kernels as one
+        # (412 -> 352 a decode step).
         with (
             torch.fx.experimental._config.patch(use_duck_shape=False),
             torch._inductor.config.patch(combo_kernels=self.cuda_graphs),
@@ -130,6 +131,11 @@ class Engine:
             half = seq.max_len // 2 + 1 - sum(steps)  # to a length past half the cache: the next span is all
             for k in [*steps, half, 1, 2] if half > 0 else [1, 2]:
                 seq.forward([0] * k)
+            # Every graph size once: Triton builds kernels per alignment of their inputs (the positions
+            # follow k token ids), and a build on a session's first call stalls it for up to a second.
+            for k in GRAPH_SIZES if self.cuda_graphs else ():
+                seq.forward([0] * k)
+                seq.truncate(len(seq) - k)
         return time.perf_counter() - t0
 
     @property
