@@ -15,7 +15,9 @@ drafts one token more or fewer, so the linear fits keep seeing more than one k. 
 runs alone (k = 0) nothing is learnt about acceptance, so a request earns "probe credit" at
 probe_budget of each round's time and spends it on a round at the best k > 0 once the credit covers
 that round's predicted loss: the probes cost at most about probe_budget of throughput, and a
-request whose text turns easy gets back to speculating.
+request whose text turns easy gets back to speculating. However costly the draft looks, at most
+MAX_ALONE_ROUNDS rounds pass without a draft: a cost that was measured once in a stall and never
+again would otherwise keep the draft out for good.
 
 Not thread-safe: call from the coordinator's event loop.
 """
@@ -31,6 +33,7 @@ __all__ = ["LinearFit", "RequestState", "Tuner"]
 
 
 OUTLIER = 4.0  # a cost sample counts as at most this many times the fit's prediction
+MAX_ALONE_ROUNDS = 256  # target-only rounds in a row, across requests, before a probe however costly
 
 
 class LinearFit:
@@ -48,12 +51,16 @@ class LinearFit:
         self.s0 = self.sx = self.sxx = self.sy = self.sxy = 0.0
 
     def add(self, x: float, y: float) -> None:
-        """One sample; past the first few, y is capped at OUTLIER times the fit's prediction. A one-off
-        stall (a kernel compiled on first use, a graph captured for a new session) measured 35-1,000x a
-        GPU step, and with no later samples at that k it would have held the fit up for good; a lasting
-        change still moves the fit, a capped step at a time."""
-        if self.s0 >= 4 and (coef := self.coefficients()) is not None:
-            y = min(y, OUTLIER * max(coef[0] + coef[1] * x, 1e-6))
+        """One sample, held within OUTLIER of the fit's prediction. A one-off stall (a kernel built on first
+        use, a graph captured for a new session) measured 35-1,000x a GPU step: past the first few samples
+        it is capped, and a lasting change still moves the fit, a capped step at a time. A sample below
+        the prediction by as much starts the fit afresh: what it held was such a stall, or is past."""
+        if (coef := self.coefficients()) is not None:
+            predicted = max(coef[0] + coef[1] * x, 1e-9)
+            if y * OUTLIER < predicted:
+                self.s0 = self.sx = self.sxx = self.sy = self.sxy = 0.0
+            elif self.s0 >= 4:
+                y = min(y, OUTLIER * predicted)
         d = self.decay
         self.s0 = d * self.s0 + 1.0
         self.sx = d * self.sx + x
@@ -128,6 +135,7 @@ class Tuner:
         self.extra_spec: float | None = None  # the same, k > 0
         self.global_counts = {True: [0.0, 0.0], False: [0.0, 0.0]}  # greedy -> [accepted, rejected]
         self.rounds = 0
+        self.alone_rounds = 0  # target-only choices in a row, across requests
 
     # -- measurements ---------------------------------------------------------------------------
 
@@ -135,8 +143,11 @@ class Tuner:
         return RequestState(greedy=greedy)
 
     def _rtt(self, old: float | None, wall_s: float, compute_s: float) -> float:
+        """Smoothed; like the fits' samples, one far below the estimate replaces it, one far above is capped."""
         sample = max(wall_s - compute_s, 0.0)
-        return sample if old is None else old + self.rtt_smoothing * (sample - old)
+        if old is None or sample * OUTLIER < old:
+            return sample
+        return old + self.rtt_smoothing * (min(sample, OUTLIER * old + 1e-4) - old)
 
     def record_draft(self, k: int, compute_s: float, wall_s: float | None = None) -> None:
         """A draft call that produced k tokens in compute_s (node-reported) and wall_s (as seen here)."""
@@ -276,11 +287,14 @@ class Tuner:
             probe = tps.index(max(tps[1:]), 1)
             request.probe_credit += self.probe_budget * t0
             loss = round_time(costs, probe, mode, alpha) - expected_tokens(alpha, probe) * t0
-            if request.probe_credit >= loss:
+            self.alone_rounds += 1
+            if request.probe_credit >= loss or self.alone_rounds >= MAX_ALONE_ROUNDS:
                 request.probe_credit = 0.0
+                self.alone_rounds = 0
                 return probe
             return 0
         request.probe_credit = 0.0
+        self.alone_rounds = 0
         if self.dither_every and request.rounds % self.dither_every == self.dither_every - 1:
             step = 1 if (request.rounds // self.dither_every) % 2 == 0 else -1
             k = min(max(k + step, 0), cap)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 
-from coordinator.tuner import LinearFit, Tuner
+from coordinator.tuner import MAX_ALONE_ROUNDS, LinearFit, Tuner
 from tandem.cost_model import best_k
 
 STEP = 0.020  # target decode step, seconds
@@ -282,3 +282,21 @@ def test_one_stall_does_not_hold_the_fit_up_but_a_lasting_change_moves_it() -> N
         fit.add(1 + i % 4, 0.006 * (1 + i % 4))
     a, b = fit.coefficients()
     assert a + 2 * b == pytest.approx(0.012, rel=0.05)
+
+
+def test_a_stall_measured_first_is_forgotten_at_the_next_sample() -> None:
+    fit = LinearFit(0.99, prior_a=0.0, prior_weight=0.1)
+    fit.add(4, 0.5)  # a session's first call: graphs captured, kernels built
+    fit.add(4, 0.008)
+    a, b = fit.coefficients()
+    assert a + 4 * b == pytest.approx(0.008, rel=1e-6)
+
+
+def test_a_draft_that_looks_hopeless_is_still_probed_now_and_then() -> None:
+    """A draft measured once at 10 s a token (a stall) would never be tried again on predicted loss alone."""
+    tuner = Tuner()
+    tuner.record_draft(1, 10.0)
+    tuner.record_verify(0, 0.01)
+    ks = [tuner.choose_k(tuner.new_request()) for _ in range(600)]
+    probes = [i for i, k in enumerate(ks) if k > 0]
+    assert probes[:2] == [MAX_ALONE_ROUNDS - 1, 2 * MAX_ALONE_ROUNDS - 1]
