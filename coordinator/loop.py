@@ -651,8 +651,8 @@ class Coordinator:
                 raise
             # A restarted or evicting draft: catch it up (not a sample of drafting speed).
             return await self._draft_call(stats, "propose", sid, 0, ctx, *args, limit=limit)
-        if len(ctx) - held <= 2:  # a drafting sample, not one that also took a stretch of context
-            self.tuner.record_draft(len(rep.tokens), rep.timing.compute_ns / 1e9, wall)
+        bound = len(ctx) - held > 2  # the call also took a stretch of context: not a clean drafting sample
+        self.tuner.record_draft(len(rep.tokens), rep.timing.compute_ns / 1e9, wall, bound=bound)
         return rep, wall
 
     async def _catch_up(self, stats: Stats, sid: str, tokens: list[int], held: int) -> None:

@@ -149,9 +149,13 @@ class Tuner:
             return sample
         return old + self.rtt_smoothing * (min(sample, OUTLIER * old + 1e-4) - old)
 
-    def record_draft(self, k: int, compute_s: float, wall_s: float | None = None) -> None:
-        """A draft call that produced k tokens in compute_s (node-reported) and wall_s (as seen here)."""
+    def record_draft(self, k: int, compute_s: float, wall_s: float | None = None, bound: bool = False) -> None:
+        """A draft call that produced k tokens in compute_s (node-reported) and wall_s (as seen here).
+        bound: the call also took a stretch of context, so compute_s only bounds drafting's cost from
+        above; it counts where it is below the fit's prediction (a probe after a stall, say)."""
         if k <= 0:
+            return
+        if bound and ((coef := self.draft_fit.coefficients()) is None or compute_s >= coef[0] + coef[1] * k):
             return
         self.draft_fit.add(k, compute_s)
         if wall_s is not None:

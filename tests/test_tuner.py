@@ -300,3 +300,13 @@ def test_a_draft_that_looks_hopeless_is_still_probed_now_and_then() -> None:
     ks = [tuner.choose_k(tuner.new_request()) for _ in range(600)]
     probes = [i for i, k in enumerate(ks) if k > 0]
     assert probes[:2] == [MAX_ALONE_ROUNDS - 1, 2 * MAX_ALONE_ROUNDS - 1]
+
+
+def test_a_draft_call_that_also_took_context_only_lowers_the_fit() -> None:
+    tuner = Tuner()
+    tuner.record_draft(4, 0.5)  # a stall
+    tuner.record_draft(4, 3.0, bound=True)  # above the fit: says nothing
+    assert tuner.costs() is None and tuner.draft_fit.coefficients()[1] == pytest.approx(0.125, rel=0.05)
+    tuner.record_draft(1, 0.004, bound=True)  # a probe after a target-only stretch, catching the draft up
+    a, b = tuner.draft_fit.coefficients()
+    assert a + b == pytest.approx(0.004, rel=1e-6)
