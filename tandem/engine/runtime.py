@@ -132,7 +132,7 @@ class Engine:
             for k in [*steps, half, 1, 2] if half > 0 else [1, 2]:
                 seq.forward([0] * k)
             # Every graph size once: Triton builds kernels per alignment of their inputs (the positions
-            # follow k token ids), and a build on a session's first call stalls it for up to a second.
+            # follow k token ids), and a build on a session's first call stalled it for about half a second.
             for k in GRAPH_SIZES if self.cuda_graphs else ():
                 seq.forward([0] * k)
                 seq.truncate(len(seq) - k)
