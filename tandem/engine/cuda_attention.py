@@ -5,7 +5,7 @@ together in SmolLM2's compiled decode step on an H100, where the whole step is b
 Flash-decoding instead: the first kernel cuts the cache into chunks and attends each one in parallel with
 an online softmax (Milakov & Gimelshein 2018, as in FlashAttention), reading only the rows the block sees;
 the second merges the chunks. A decode step's query rows find a chunk in 2 steps where one program walking
-the whole cache takes 8 or more, and such a walk ran at 12-14 us a call against 6-7 us for the pair.
+the whole cache takes 8 or more, and such a walk ran at 11.5-14 us a call against 6-7.5 us for the pair.
 
 Every query row is computed by the same instructions whatever the block size, and masked columns add exact
 zeros, so a decode step and a verify block give the same bits for the same position.
