@@ -397,11 +397,13 @@ async def amain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             from coordinator.server import serve
 
             draft_desc = f", draft {coord.draft.info.model} at {draft_url}" if coord.draft and coord.draft.info else ""
-            log.info(
-                "coordinator serving http://%s:%d: target %s at %s%s, mode %s, k %s",
-                host, port, coord.model_name, target_url, draft_desc, args.mode, args.k,
+            await serve(
+                coord, host, port, api_key, args.log_level,
+                ready=lambda: log.info(
+                    "coordinator serving http://%s:%d: target %s at %s%s, mode %s, k %s",
+                    host, port, coord.model_name, target_url, draft_desc, args.mode, args.k,
+                ),
             )  # fmt: skip
-            await serve(coord, host, port, api_key, args.log_level)
             return 0
         finally:
             await coord.aclose()

@@ -13,12 +13,13 @@ request's measured and predicted figures. Errors use OpenAI's body: {"error": {"
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Annotated, Any, Literal
 
@@ -364,12 +365,26 @@ def create_app(coord: Coordinator, api_key: str | None = None) -> FastAPI:
     return app
 
 
-async def serve(coord: Coordinator, host: str, port: int, api_key: str | None = None, log_level: str = "info") -> None:
-    """Serve on the running event loop (the coordinator's links live on it) until SIGINT/SIGTERM."""
+async def serve(
+    coord: Coordinator,
+    host: str,
+    port: int,
+    api_key: str | None = None,
+    log_level: str = "info",
+    ready: Callable[[], None] | None = None,
+) -> None:
+    """Serve on the running event loop (the coordinator's links live on it) until SIGINT/SIGTERM. ready is
+    called once the socket listens: a client that acts on it (a log line) must not meet a refused connection."""
     import uvicorn
 
     config = uvicorn.Config(
         create_app(coord, api_key), host=host, port=port, loop="uvloop", log_level=log_level.lower(),
         timeout_graceful_shutdown=10,
     )  # fmt: skip
-    await uvicorn.Server(config).serve()
+    server = uvicorn.Server(config)
+    task = asyncio.ensure_future(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.02)
+    if server.started and ready is not None:
+        ready()
+    await task
