@@ -55,8 +55,8 @@ class LinearFit:
         use, a graph captured for a new session) measured 35-1,000x a GPU step: past the first few samples
         it is capped, and a lasting change still moves the fit, a capped step at a time. A sample below
         the prediction by as much starts the fit afresh: what it held was such a stall, or is past."""
-        if (coef := self.coefficients()) is not None:
-            predicted = max(coef[0] + coef[1] * x, 1e-9)
+        if (predicted := self.predict(x)) is not None:
+            predicted = max(predicted, 1e-9)
             if y * OUTLIER < predicted:
                 self.s0 = self.sx = self.sxx = self.sy = self.sxy = 0.0
             elif self.s0 >= 4:
@@ -67,6 +67,10 @@ class LinearFit:
         self.sxx = d * self.sxx + x * x
         self.sy = d * self.sy + y
         self.sxy = d * self.sxy + x * y
+
+    def predict(self, x: float) -> float | None:
+        coef = self.coefficients()
+        return None if coef is None else coef[0] + coef[1] * x
 
     def coefficients(self) -> tuple[float, float] | None:
         if self.s0 == 0:
@@ -155,7 +159,7 @@ class Tuner:
         above; it counts where it is below the fit's prediction (a probe after a stall, say)."""
         if k <= 0:
             return
-        if bound and ((coef := self.draft_fit.coefficients()) is None or compute_s >= coef[0] + coef[1] * k):
+        if bound and ((predicted := self.draft_fit.predict(k)) is None or compute_s >= predicted):
             return
         self.draft_fit.add(k, compute_s)
         if wall_s is not None:

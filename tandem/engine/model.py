@@ -374,15 +374,14 @@ class Transformer(nn.Module):
         self.cos: Tensor
         self.sin: Tensor
         self.layer_devices: list[torch.device] = []
+        # cuda_attention serves every layer: all on CUDA, and no MLA. Set by the loader once the layers are
+        # placed, so that a forward (a graph replay included) does not walk the layers to find out.
+        self.kernel_attention = False
 
     def needs_mask(self, k_new: int) -> bool:
         """cuda_attention's kernels imply the mask and read only live rows; a prompt, a layer on the CPU, or
         MLA's attention needs the mask built and attends over a span."""
-        return (
-            k_new > cuda_attention.MAX_TOKENS
-            or self.cfg.kv_lora_rank > 0
-            or not all(cuda_attention.available(d) for d in self.layer_devices)
-        )
+        return k_new > cuda_attention.MAX_TOKENS or not self.kernel_attention
 
     def forward(
         self, tokens: Tensor, pos: int | Tensor, caches: list[tuple[Tensor, Tensor]], span: int | None = None

@@ -23,6 +23,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as GT
 from torch import Tensor
 
+from tandem.engine import cuda_attention
 from tandem.engine.gguf_file import GGUFFile, TensorInfo, read_gguf
 from tandem.engine.model import MOE_ARCHS, Block, Embedding, ModelConfig, Transformer, attention_span, rope_tables
 from tandem.engine.qlinear import HEADER_BYTES, PACKED_TYPES, Linear, can_rebuild_rows, packed_linear
@@ -210,8 +211,9 @@ class Sequence:
 
     def _graph(self, k: int) -> _Graph:
         end = len(self.tokens) + k
-        span = min(max(GRAPH_MIN_SPAN, 1 << (end - 1).bit_length()), self.max_len)
-        if not self.engine.model.needs_mask(k):  # cuda_attention reads the live rows whatever the span
+        if self.engine.model.needs_mask(k):
+            span = min(max(GRAPH_MIN_SPAN, 1 << (end - 1).bit_length()), self.max_len)
+        else:  # cuda_attention reads the live rows whatever the span
             span = self.max_len
         g = self._graphs.get((k, span))
         if g is None:
@@ -345,6 +347,7 @@ def load_engine(
     model = Transformer(cfg)
     place = _placement(gf, cfg, rules, layer_dev)
     model.layer_devices = [p[0] for p in place.layers]
+    model.kernel_attention = not cfg.kv_lora_rank and all(cuda_attention.available(d) for d in model.layer_devices)
 
     if head_rows is not None and head_rows < 1:
         raise ValueError(f"head_rows must be at least 1, got {head_rows}")
