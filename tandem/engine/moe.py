@@ -342,13 +342,13 @@ def load_experts(
             for e in range(stop - start):
                 parts = []
                 for i in range(len(codes[0])):
-                    q, scale, zero = (
+                    q, scale, mn = (
                         torch.cat(
                             [c[i][j][e * t.shape[1] : (e + 1) * t.shape[1]] for c, t in zip(codes, group, strict=True)]
                         )
                         for j in range(3)
                     )
-                    parts.append(Int4Weight(q, scale, zero, dtype))
+                    parts.append(Int4Weight(q, scale, mn, dtype))
                 experts.append(Linear(parts))
         return ExpertStack(parts=experts)
 

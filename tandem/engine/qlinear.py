@@ -1,12 +1,12 @@
 """Linear layers whose weights stay in their GGUF precision.
 
-Q4_0, Q4_1 and Q4_K are 4-bit codes with one scale and one offset per 32 weights: exactly torch's int4
-weight-only format (group size 32, w = (q - 8) * scale + zero). Q8_0 splits exactly into two such
-4-bit matrices (q8 = 16 * hi + lo), so it rides the same kernel at the same bytes per weight.
-Everything else is dequantized at load.
+Q4_0, Q4_1 and Q4_K are 4-bit codes with one scale and one offset per 32 weights (w = q * scale + min):
+exactly the int4 weight-only format of our CPU kernel (cpu_int4) and of torch's kernels (group size 32,
+w = (q - 8) * scale + zero). Q8_0 splits exactly into two such 4-bit matrices (q8 = 16 * (hi - 8) + lo),
+so it rides the same kernels at the same bytes per weight. Everything else is dequantized at load.
 
 A tied token embedding is held only once, by the output head: its rows are read back out of the packed
-codes (CPU layout) and rebuilt into GGUF blocks with the block headers kept aside, so the lookup
+codes (CPU packings) and rebuilt into GGUF blocks with the block headers kept aside, so the lookup
 dequantizes exactly the bytes the file holds.
 """
 
@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 from torch import Tensor, nn
+
+from tandem.engine import cpu_int4
 
 GROUP = 32
 SLICE = 1024  # rows unpacked and packed at a time: a multiple of every packing's row block
@@ -103,16 +105,18 @@ def gather_codes(packed: list[Tensor], k: int, rows: Tensor, layout: tuple[int, 
 
 
 class Int4Weight(nn.Module):
-    """One int4-packed matrix; y = x @ W.T where W = (q - 8) * scale + zero per 32-wide group.
+    """One int4 matrix; y = x @ W.T where W = q * scale + mn per 32-wide group.
 
-    Built whole, or empty and then filled a slice of rows at a time (packed_linear), so that a big
-    tensor's unpacked codes never exist at once: both packings lay rows out block by block.
+    On CPUs with AVX512-BF16, bfloat16 and float32 activations run our kernel (cpu_int4); elsewhere torch's
+    int4 kernels, whose packing wants W = (q - 8) * scale + zero. Built whole, or empty and then filled a
+    slice of rows at a time (packed_linear), so that a big tensor's unpacked codes never exist at once:
+    every packing lays rows out block by block.
     """
 
-    def __init__(self, q: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype) -> None:
+    def __init__(self, q: Tensor, scale: Tensor, mn: Tensor, dtype: torch.dtype) -> None:
         super().__init__()
         self._allocate(q.shape[0], q.shape[1], dtype, q.device)
-        self.fill(0, q, scale, zero)
+        self.fill(0, q, scale, mn)
 
     @classmethod
     def empty(cls, n: int, k: int, dtype: torch.dtype, device: torch.device) -> Int4Weight:
@@ -121,34 +125,55 @@ class Int4Weight(nn.Module):
         self._allocate(n, k, dtype, device)
         return self
 
-    def _allocate(self, n: int, k: int, dtype: torch.dtype, device: torch.device) -> None:
+    def _allocate(self, n: int, k: int, dtype: torch.dtype, device: torch.device, ours: bool = True) -> None:
         if k % GROUP:
             raise ValueError(f"int4 weights need rows that are a multiple of {GROUP}, got {k}")
-        self.out_features, self.in_features = n, k
-        n_pad = n + -n % 16  # the packing kernels want N a multiple of 16; padded rows are zero weights
-        # Allocated by the first fill: its shape is the kernel's (dim 0 goes with the rows on CPU and CUDA).
+        self.out_features, self.in_features, self.dtype = n, k, dtype
+        n_pad = n + -n % 16  # every packing wants N a multiple of 16; padded rows are zero weights
+        self.ours = ours and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and cpu_int4.available()
+        if self.ours:
+            blocks, groups = n_pad // cpu_int4.ROWS, k // GROUP
+            self.register_buffer("packed", torch.empty(blocks, groups, 8, 32, dtype=torch.uint8))
+            self.register_buffer("scales", torch.empty(blocks, groups, 2, cpu_int4.ROWS, dtype=torch.float16))
+            return
+        # torch's packings. Allocated by the first fill: its shape is the kernel's (dim 0 goes with the rows).
         self.register_buffer("packed", None)
         if device.type == "cpu":
             self.layout = cpu_layout()
         else:
             self.tiles = 8 if k % (8 * 16) == 0 else 4 if k % (4 * 16) == 0 else 2
             self.layout = None  # tiled for the tensor cores: rows are not read back
-        # The CUDA kernel takes bfloat16 activations and scales only; the CPU one takes the compute dtype.
+        # Scales and zeros; the CUDA kernel takes bfloat16, the CPU one the compute dtype.
         sz_dtype = dtype if device.type == "cpu" else torch.bfloat16
-        self.register_buffer("scales_zeros", torch.empty(k // GROUP, n_pad, 2, dtype=sz_dtype, device=device))
+        self.register_buffer("scales", torch.empty(k // GROUP, n_pad, 2, dtype=sz_dtype, device=device))
 
-    def fill(self, start: int, q: Tensor, scale: Tensor, zero: Tensor) -> None:
+    @property
+    def packed_rows(self) -> int:
+        return self.scales.shape[0] * cpu_int4.ROWS if self.ours else self.scales.shape[1]
+
+    @property
+    def readable(self) -> bool:
+        """Whether codes_of can read rows back (not from CUDA's tiles, nor from an unknown CPU packing)."""
+        return self.ours or self.layout is not None
+
+    def fill(self, start: int, q: Tensor, scale: Tensor, mn: Tensor) -> None:
         """Pack rows start.. (start a multiple of SLICE; the slice that ends the matrix also pads it)."""
         n, k = self.out_features, self.in_features
         stop = start + q.shape[0]
         if start % SLICE or q.shape[1] != k or stop > n:
             raise ValueError(f"rows {start}..{stop} of {k} do not fit an int4 matrix of {n} x {k}")
         if stop == n and (pad := self.packed_rows - n):
-            q = torch.cat((q, torch.full((pad, k), 8, dtype=q.dtype, device=q.device)))
+            q = torch.cat((q, q.new_zeros(pad, k)))
             scale = torch.cat((scale, scale.new_zeros(pad, k // GROUP)))
-            zero = torch.cat((zero, zero.new_zeros(pad, k // GROUP)))
+            mn = torch.cat((mn, mn.new_zeros(pad, k // GROUP)))
         end = start + q.shape[0]
-        self.scales_zeros[:, start:end] = torch.stack((scale.t(), zero.t()), dim=-1)
+        if self.ours:
+            if (packed := cpu_int4.pack(q, scale, mn)) is not None:
+                self.packed[start // cpu_int4.ROWS : end // cpu_int4.ROWS] = packed[0]
+                self.scales[start // cpu_int4.ROWS : end // cpu_int4.ROWS] = packed[1]
+                return
+            self._repack_for_torch(start)  # a scale beyond float16's range: torch's kernel keeps float32 ones
+        self.scales[:, start:end] = torch.stack((scale.t(), (mn + 8 * scale).t()), dim=-1)
         for i in range(0, q.shape[0], SLICE):  # in slices, so the int32 staging copy stays small
             rows = q[i : i + SLICE]
             if q.device.type == "cpu":
@@ -163,21 +188,36 @@ class Int4Weight(nn.Module):
             self.packed[at : at + per] = packed
         if self.layout is not None:  # rows that do not read back as packed are never read back
             probe = torch.tensor([0, q.shape[0] - 1])
-            got = gather_codes([self.packed], k, probe + start, self.layout)[0]
+            got = self.codes_of(probe + start)
             if not torch.equal(got, q[probe].to(got.device)):
                 self.layout = None
 
-    @property
-    def packed_rows(self) -> int:
-        return self.scales_zeros.shape[1]
+    def _repack_for_torch(self, filled: int) -> None:
+        """Move the rows filled so far into torch's CPU packing."""
+        q = cpu_int4.gather_codes(self.packed, torch.arange(filled))
+        sm = self.scales.permute(2, 0, 3, 1).reshape(2, -1, self.in_features // GROUP)[:, :filled].float()
+        del self.packed, self.scales
+        self._allocate(self.out_features, self.in_features, self.dtype, torch.device("cpu"), ours=False)
+        if filled:
+            self.fill(0, q, sm[0], sm[1])
+
+    def codes_of(self, rows: Tensor) -> Tensor:
+        """The 4-bit codes of output rows `rows`: uint8 [len(rows), K]."""
+        if self.ours:
+            return cpu_int4.gather_codes(self.packed, rows)
+        if self.layout is None:
+            raise ValueError("this int4 packing does not read rows back")
+        return gather_codes([self.packed], self.in_features, rows, self.layout)[0]
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if self.ours:
+            return cpu_int4.matmul(x2, self.packed, self.scales, self.out_features).reshape(*shape[:-1], -1)
         if x2.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scales_zeros)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scales)
         else:
-            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros)
+            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.packed, GROUP, self.scales)
             y = y.to(x.dtype)
         if y.shape[-1] != self.out_features:
             y = y[:, : self.out_features]
@@ -207,14 +247,13 @@ class Linear(nn.Module):
 
 
 def _int4_codes(raw: Tensor, qtype: T, shape: tuple[int, int]) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """(codes, scale, zero) of the int4 matrices whose sum is this tensor: one for Q4_*, two for Q8_0."""
+    """(codes, scale, min) of the int4 matrices whose sum is this tensor: one for Q4_*, two for Q8_0."""
     if qtype in INT4_TYPES:
-        q, scale, mn = unpack_int4(raw, qtype, shape)
-        return [(q, scale, mn + 8 * scale)]
+        return [unpack_int4(raw, qtype, shape)]
     if qtype == T.Q8_0:
         q8, s = unpack_q8_0(raw, shape)
         hi, lo = ((q8 >> 4) + 8).to(torch.uint8), (q8 & 15).to(torch.uint8)  # q8 = 16 * (hi - 8) + lo
-        return [(hi, 16 * s, torch.zeros_like(s)), (lo, s, 8 * s)]
+        return [(hi, 16 * s, -128 * s), (lo, s, torch.zeros_like(s))]
     raise ValueError(f"{qtype.name} cannot stay quantized")
 
 
@@ -240,16 +279,16 @@ def packed_linear(raws: list[Tensor], qtype: T, shapes: list[tuple[int, int]], d
         if not parts:
             parts = [Int4Weight.empty(n, k, dtype, raws[0].device) for _ in pieces[0]]
         for i, part in enumerate(parts):
-            q, scale, zero = (
+            q, scale, mn = (
                 pieces[0][i][j] if len(pieces) == 1 else torch.cat([p[i][j] for p in pieces]) for j in range(3)
             )
-            part.fill(start, q, scale, zero)
+            part.fill(start, q, scale, mn)
     return Linear(parts)
 
 
 def can_rebuild_rows(lin: Linear) -> bool:
     """Whether raw_rows can read this Linear's rows back (packed on the CPU in a layout it knows, no bias)."""
-    return lin.parts is not None and lin.bias is None and all(p.layout is not None for p in lin.parts)
+    return lin.parts is not None and lin.bias is None and all(p.readable for p in lin.parts)
 
 
 def raw_rows(lin: Linear, qtype: T, headers: Tensor, rows: Tensor) -> Tensor:
@@ -259,8 +298,7 @@ def raw_rows(lin: Linear, qtype: T, headers: Tensor, rows: Tensor) -> Tensor:
     with j + 16 of a 32-block for Q4_0/Q4_1, sub-block 2i with 2i + 1 of a 256-block for Q4_K.
     """
     m, n_blocks = rows.shape[0], headers.shape[1]
-    first = lin.parts[0]
-    parts = gather_codes([p.packed for p in lin.parts], first.in_features, rows, first.layout)
+    parts = [p.codes_of(rows) for p in lin.parts]
     if qtype == T.Q8_0:
         hi, lo = parts
         codes = ((hi << 4 | lo) ^ 0x80).view(m, n_blocks, 32)
