@@ -140,6 +140,8 @@ class Tuner:
         self.global_counts = {True: [0.0, 0.0], False: [0.0, 0.0]}  # greedy -> [accepted, rejected]
         self.rounds = 0
         self.alone_rounds = 0  # target-only choices in a row, across requests
+        self._costs: Costs | None = None  # costs(), until the next measurement changes it
+        self._costs_stale = True
 
     # -- measurements ---------------------------------------------------------------------------
 
@@ -161,12 +163,14 @@ class Tuner:
             return
         if bound and ((predicted := self.draft_fit.predict(k)) is None or compute_s >= predicted):
             return
+        self._costs_stale = True
         self.draft_fit.add(k, compute_s)
         if wall_s is not None:
             self.rtt_draft = self._rtt(self.rtt_draft, wall_s, compute_s)
 
     def record_verify(self, k: int, compute_s: float, wall_s: float | None = None) -> None:
         """A target call that verified k draft tokens (k + 1 positions)."""
+        self._costs_stale = True
         self.verify_fit.add(k, compute_s)
         if wall_s is not None:
             self.rtt_target = self._rtt(self.rtt_target, wall_s, compute_s)
@@ -182,6 +186,7 @@ class Tuner:
         )
         extra = min(wall_s - base, 2.0 * base)  # one stall (GC, a slow client) must not swamp the estimate
         s = self.overhead_smoothing
+        self._costs_stale = True
         if k == 0:
             self.extra_alone = extra if self.extra_alone is None else self.extra_alone + s * (extra - self.extra_alone)
         else:
@@ -245,6 +250,12 @@ class Tuner:
         return (request.accepted + s * g) / (request.accepted + request.rejected + s)
 
     def costs(self) -> Costs | None:
+        """The cost model's terms as measured; computed once per round (the loop asks several times)."""
+        if self._costs_stale:
+            self._costs, self._costs_stale = self._measured_costs(), False
+        return self._costs
+
+    def _measured_costs(self) -> Costs | None:
         draft, verify = self.draft_fit.coefficients(), self.verify_fit.coefficients()
         if draft is None or verify is None:
             return None

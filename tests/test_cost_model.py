@@ -67,7 +67,8 @@ def test_best_k() -> None:
 
 
 def test_throughputs_are_tokens_per_second_at_every_k() -> None:
-    """The one-pass form the tuner uses every round gives the per-k function's values, bit for bit."""
+    """The one-pass form the tuner uses every round gives the per-k function's values (up to the rounding of
+    its running sum of alpha's powers)."""
     rng = random.Random(0)
     for _ in range(2000):
         costs = Costs(*(rng.uniform(0, 0.01) for _ in range(6)), rng.uniform(0, 0.002), rng.uniform(-0.002, 0.002))
@@ -76,9 +77,9 @@ def test_throughputs_are_tokens_per_second_at_every_k() -> None:
             rng.choice(["sequential", "pipelined"]),
             rng.randrange(17),
         )
-        assert throughputs(alpha, costs, mode, max_k) == [
-            tokens_per_second(alpha, k, costs, mode) for k in range(max_k + 1)
-        ]
+        assert throughputs(alpha, costs, mode, max_k) == pytest.approx(
+            [tokens_per_second(alpha, k, costs, mode) for k in range(max_k + 1)], rel=1e-12
+        )
 
 
 def test_break_even_matches_design_rule_for_one_token() -> None:

@@ -17,6 +17,7 @@
 
 #include <array>
 #include <cstring>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -162,9 +163,13 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
               "int4_mm: scales_mins must be float16 [blocks, groups, 2, 16]");
   TORCH_CHECK(codes.is_contiguous() && scales_mins.is_contiguous(), "int4_mm: codes and scales must be contiguous");
   const int64_t n_blocks = codes.size(0), G = codes.size(1), K = G * kGroup, M = x.size(0);
-  TORCH_CHECK(x.size(1) == K, "int4_mm: x has ", x.size(1), " columns, the weights ", K);
+  // Numbers go into messages through std::to_string: one torch build crashed formatting an int64_t into a
+  // TORCH_CHECK message from an extension built by another compiler.
+  TORCH_CHECK(x.size(1) == K,
+              "int4_mm: x has " + std::to_string(x.size(1)) + " columns, the weights " + std::to_string(K));
   TORCH_CHECK(scales_mins.size(0) == n_blocks && scales_mins.size(1) == G, "int4_mm: scales do not match codes");
-  TORCH_CHECK(0 < n && n <= n_blocks * kRows, "int4_mm: ", n, " output rows from ", n_blocks, " blocks");
+  TORCH_CHECK(0 < n && n <= n_blocks * kRows,
+              "int4_mm: " + std::to_string(n) + " output rows from " + std::to_string(n_blocks) + " blocks");
 
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({M, n}, x.options());
