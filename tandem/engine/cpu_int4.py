@@ -1,10 +1,15 @@
-"""Our int4 matmul for x86 CPUs with AVX512-BF16 (cpu_int4.cpp), built on first use.
+"""Our int4 matmul (cpu_int4.cpp) and decode/verify attention (cpu_attention.cpp) for x86 CPUs with AVX512-BF16,
+built on first use.
 
 torch's CPU int4 kernel converts codes to float32 and re-converts them for every 4 rows of activations:
 on SmolLM2's gate/up projection it took 52 us for one row and 230 us for nine. Ours looks codes up as
 bfloat16 once per load and multiplies pairs with vdpbf16ps, exact products summed in float32: 20 us and
 100 us. Where the CPU lacks the instructions or no compiler is at hand, `available()` is False and the
 weights keep torch's packing.
+
+Attention of a decode step or a verify block over a bfloat16 cache, SmolLM2's shapes at 512 cached tokens on
+one core: 7 us a layer for one row and 44 for nine, against 73 and 155 for model.attention's matmuls and
+masked softmax. With the cache cold, as it is a step later, 22 and 60 us against 110 and 190.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ log = logging.getLogger("tandem.engine")
 GROUP = 32
 ROWS = 16  # output rows per block of codes
 SOURCE = Path(__file__).with_name("cpu_int4.cpp")
+ATTENTION_SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp"]  # OpenMP: at::parallel_for runs on torch's threads
 
 
@@ -34,7 +40,7 @@ def available() -> bool:
     try:
         load(
             name="tandem_cpu_int4",
-            sources=[str(SOURCE)],
+            sources=[str(SOURCE), str(ATTENTION_SOURCE)],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
@@ -46,6 +52,10 @@ def available() -> bool:
     @torch.library.register_fake("tandem_cpu::int4_mm")
     def _(x: Tensor, codes: Tensor, scales_mins: Tensor, n: int) -> Tensor:
         return x.new_empty(x.shape[0], n)
+
+    @torch.library.register_fake("tandem_cpu::gqa_attention")
+    def _(q: Tensor, keys_t: Tensor, values: Tensor, pos: int) -> Tensor:
+        return q.new_empty(q.shape)
 
     return True
 
@@ -79,3 +89,11 @@ def gather_codes(codes: Tensor, rows: Tensor) -> Tensor:
 def matmul(x: Tensor, codes: Tensor, scales_mins: Tensor, n: int) -> Tensor:
     """x [M, K] bfloat16 or float32 -> [M, n] in x's dtype."""
     return torch.ops.tandem_cpu.int4_mm(x, codes, scales_mins, n)
+
+
+def attention(q: Tensor, keys_t: Tensor, values: Tensor, pos: int) -> Tensor:
+    """Causal grouped-query attention of k new queries q [k, heads, hd] at positions pos.. over a layer's whole
+    cache: keys transposed [kv_heads, hd, len] and values [kv_heads, len, hd], the new rows already written.
+    Row i sees cache rows 0..pos + i; rows from pos + k on are never read. -> [k, heads, hd] in q's dtype
+    (bfloat16 or float32, the cache's too; hd a multiple of 32 up to 256)."""
+    return torch.ops.tandem_cpu.gqa_attention(q, keys_t, values, pos)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tandem.engine import cuda_attention
+from tandem.engine import cpu_int4, cuda_attention
 from tandem.engine.qlinear import Linear, raw_rows
 
 MOE_ARCHS = ("qwen2moe", "qwen3moe", "deepseek2")
@@ -314,6 +314,8 @@ def self_attention(
     if k_new <= cuda_attention.MAX_TOKENS and cuda_attention.available(q.device):  # the mask is implied
         positions = pos if isinstance(pos, Tensor) else torch.arange(pos, pos + k_new, device=q.device)
         attn = cuda_attention.gqa_attention(q, k_cache, v_cache, positions)
+    elif layer.cpu_attention and not isinstance(pos, Tensor):  # causal over the live rows, so no mask either
+        attn = cpu_int4.attention(q, k_cache, v_cache, pos)
     else:
         # The rows attended over: the mask's width where there is one (a graph's span, or attention_span's
         # padding), else exactly the live ones.
@@ -336,6 +338,7 @@ class Block(nn.Module):
         self.w2: Linear
         self.q_norm: Tensor | None = None
         self.k_norm: Tensor | None = None
+        self.cpu_attention = False  # cpu_int4.attention serves this block (set by the loader)
 
     def forward(
         self,
@@ -374,14 +377,17 @@ class Transformer(nn.Module):
         self.cos: Tensor
         self.sin: Tensor
         self.layer_devices: list[torch.device] = []
-        # cuda_attention serves every layer: all on CUDA, and no MLA. Set by the loader once the layers are
-        # placed, so that a forward (a graph replay included) does not walk the layers to find out.
+        # cuda_attention serves every layer (all on CUDA, and no MLA), or cpu_int4's attention does. Set by the
+        # loader once the layers are placed, so that a forward (a graph replay included) does not walk the
+        # layers to find out.
         self.kernel_attention = False
+        self.cpu_attention = False
 
-    def needs_mask(self, k_new: int) -> bool:
-        """cuda_attention's kernels imply the mask and read only live rows; a prompt, a layer on the CPU, or
-        MLA's attention needs the mask built and attends over a span."""
-        return k_new > cuda_attention.MAX_TOKENS or not self.kernel_attention
+    def needs_mask(self, k_new: int, static: bool = False) -> bool:
+        """The kernels imply the mask and read only live rows; a prompt on CUDA, layers split between devices,
+        MLA's attention, or positions given as a tensor on the CPU need the mask built and attend over a span."""
+        cpu = self.cpu_attention and not static
+        return not (cpu or (self.kernel_attention and k_new <= cuda_attention.MAX_TOKENS))
 
     def forward(
         self, tokens: Tensor, pos: int | Tensor, caches: list[tuple[Tensor, Tensor]], span: int | None = None
@@ -394,13 +400,13 @@ class Transformer(nn.Module):
         k_new = tokens.shape[0]
         x = self.embed(tokens)
         mask = None
-        masked = self.needs_mask(k_new)
+        masked = self.needs_mask(k_new, static=isinstance(pos, Tensor))
         if isinstance(pos, Tensor):
             if masked:
                 mask = torch.arange(span or caches[0][1].shape[1], device=x.device)[None, :] <= pos[:, None]
             cos, sin = self.cos[pos], self.sin[pos]
         else:
-            span = attention_span(pos + k_new, caches[0][1])
+            span = attention_span(pos + k_new, caches[0][1]) if masked else pos + k_new
             if masked and (k_new > 1 or span > pos + k_new):
                 # Causal among the new tokens; everything cached before pos is visible, padding never.
                 idx = torch.arange(span, device=x.device)

@@ -23,7 +23,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as GT
 from torch import Tensor
 
-from tandem.engine import cuda_attention
+from tandem.engine import cpu_int4, cuda_attention
 from tandem.engine.gguf_file import GGUFFile, TensorInfo, read_gguf
 from tandem.engine.model import MOE_ARCHS, Block, Embedding, ModelConfig, Transformer, attention_span, rope_tables
 from tandem.engine.qlinear import HEADER_BYTES, PACKED_TYPES, Linear, can_rebuild_rows, packed_linear
@@ -271,7 +271,7 @@ class Sequence:
             self.tokens.extend(tokens)
             return g.logits[:k].clone() if all_logits else g.logits[k - 1 : k].clone()
         end = len(self.tokens) + k
-        span = attention_span(end, self.caches[0][1])
+        span = attention_span(end, self.caches[0][1]) if self.engine.model.needs_mask(k) else end
         if span > max(end, self.finite):  # padded attention reads rows past the length: no NaN garbage there
             lo = max(self.finite, len(self.tokens))  # rows below the length hold what was written
             key_dim = 1 if self.engine.config.kv_lora_rank else 2
@@ -348,6 +348,18 @@ def load_engine(
     place = _placement(gf, cfg, rules, layer_dev)
     model.layer_devices = [p[0] for p in place.layers]
     model.kernel_attention = not cfg.kv_lora_rank and all(cuda_attention.available(d) for d in model.layer_devices)
+    # Our CPU attention: bfloat16 or float32 caches, head dims a multiple of 32 up to 256, GQA (not MLA).
+    cpu_ok = (
+        any(d.type == "cpu" for d in model.layer_devices)
+        and not cfg.kv_lora_rank
+        and tdtype in (torch.bfloat16, torch.float32)
+        and cfg.head_dim % 32 == 0
+        and cfg.head_dim <= 256
+        and cpu_int4.available()
+    )
+    for layer, dev in zip(model.layers, model.layer_devices, strict=True):
+        layer.cpu_attention = cpu_ok and dev.type == "cpu"
+    model.cpu_attention = all(layer.cpu_attention for layer in model.layers)
 
     if head_rows is not None and head_rows < 1:
         raise ValueError(f"head_rows must be at least 1, got {head_rows}")
