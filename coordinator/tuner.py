@@ -1,7 +1,8 @@
 """Chooses the draft length every round from what the rounds measured.
 
 Measurements feed the cost model (tandem.cost_model): draft compute as overhead + per_token*k and
-target verify compute as a + b*k, both fitted by exponentially forgotten least squares; link times
+target verify compute as a + b*k (k >= 1), both fitted by exponentially forgotten least squares, beside the
+target's decode step (k = 0), averaged alike; link times
 as EWMAs of reply wall time minus node-reported compute; acceptance as Beta counts, a global prior
 per kind of decoding (greedy and sampled requests accept at different rates: a sampled one checks its
 draft against a distribution, not an argmax), shrunk toward the pooled estimate, plus each request's
@@ -131,8 +132,11 @@ class Tuner:
         # A draft call is k decode steps: hold its fixed cost near zero firmly, or rounds that all use one k
         # let the fit trade per-token cost for per-call cost and the chosen k drifts to an extreme.
         self.draft_fit = LinearFit(fit_decay, prior_a=0.0, prior_weight=0.1)
-        # Verify time: assume flat in k until k varies (optimistic, so speculation gets tried).
+        # Verify time of k >= 1 drafts: assume flat in k until k varies (optimistic, so speculation gets tried),
+        # and no dearer than a decode step until a block was verified. A decode step apart: it can take
+        # another path than a verify block (cost_model), so it is no point of the verify line.
         self.verify_fit = LinearFit(fit_decay, prior_b=0.0)
+        self.decode_fit = LinearFit(fit_decay)
         self.rtt_draft: float | None = None
         self.rtt_target: float | None = None
         self.extra_alone: float | None = None  # round wall time beyond the model, k = 0
@@ -169,9 +173,9 @@ class Tuner:
             self.rtt_draft = self._rtt(self.rtt_draft, wall_s, compute_s)
 
     def record_verify(self, k: int, compute_s: float, wall_s: float | None = None) -> None:
-        """A target call that verified k draft tokens (k + 1 positions)."""
+        """A target call that verified k draft tokens (k + 1 positions; k = 0: a decode step)."""
         self._costs_stale = True
-        self.verify_fit.add(k, compute_s)
+        (self.verify_fit if k else self.decode_fit).add(k, compute_s)
         if wall_s is not None:
             self.rtt_target = self._rtt(self.rtt_target, wall_s, compute_s)
 
@@ -256,9 +260,11 @@ class Tuner:
         return self._costs
 
     def _measured_costs(self) -> Costs | None:
-        draft, verify = self.draft_fit.coefficients(), self.verify_fit.coefficients()
-        if draft is None or verify is None:
+        draft, verify, decode = (f.coefficients() for f in (self.draft_fit, self.verify_fit, self.decode_fit))
+        if draft is None or (verify is None and decode is None):
             return None
+        if verify is None:
+            verify = (decode[0], 0.0)
         alone = max(self.extra_alone or 0.0, 0.0)
         return Costs(
             rtt_draft=self.rtt_draft or 0.0,
@@ -271,6 +277,7 @@ class Tuner:
             # 0 until a speculative round was timed, so speculation gets tried. Smoothed slowly: a pipelined
             # round's time swings with its bet, and a dip would make probes look cheap.
             spec_overhead=(self.extra_spec or 0.0) - alone,
+            decode=None if decode is None else max(decode[0], 1e-9),
         )
 
     def predicted_tps(

@@ -1,10 +1,13 @@
 """The cost model the coordinator optimises: expected tokens per round over expected round time.
 
 alpha is the per-token acceptance rate; k the draft length (0 = the target alone). All times are
-seconds. verify(k) = a + b*k is the target's time to check k draft tokens (k + 1 positions: the last
-committed token plus the drafts), so verify(0) is a plain decode step.
+seconds. verify(k) = a + b*k is the target's time to check k >= 1 draft tokens (k + 1 positions: the last
+committed token plus the drafts); verify(0), a plain decode step, is a term of its own (`decode`, a when
+unknown): a decode step and a verify block can take different paths (a one-row matmul kernel against a
+multi-row one, another CUDA graph), and a 16-thread CPU target measured 41 ms a decode step where the
+verify line met k = 0 at 49.5 ms.
 
-Sequential round:  T(k) = rtt_d + draft_overhead + k*draft_per_token + rtt_t + a + b*k,  T(0) = rtt_t + a.
+Sequential round:  T(k) = rtt_d + draft_overhead + k*draft_per_token + rtt_t + a + b*k,  T(0) = rtt_t + decode.
 
 Pipelined round: the draft drafts the next block while the target verifies this one, betting on full
 acceptance and guessing the bonus token with its own next token. The bet wins when all k drafts and
@@ -48,10 +51,11 @@ class Costs:
     rtt_target: float  # same for the target
     draft_per_token: float  # draft compute per drafted token
     draft_overhead: float  # draft compute per call (catching up on the committed delta, dispatch)
-    verify_intercept: float  # a: target compute to verify 0 drafts (one decode step)
+    verify_intercept: float  # a: target compute of a verify block, extrapolated to 0 drafts
     verify_slope: float  # b: extra target compute per draft token verified
     round_overhead: float = 0.0  # wall time of any round beyond its calls
     spec_overhead: float = 0.0  # extra wall time of a round with k > 0 beyond that (may be negative)
+    decode: float | None = None  # target compute of a plain decode step (k = 0); None: verify_intercept
 
 
 def _check_alpha(alpha: float) -> float:
@@ -82,7 +86,9 @@ def draft_side(costs: Costs, k: int) -> float:
 
 def verify_side(costs: Costs, k: int) -> float:
     """V(k): the target call's wall time."""
-    return costs.rtt_target + costs.verify_intercept + _check_k(k) * costs.verify_slope
+    if _check_k(k) == 0 and costs.decode is not None:
+        return costs.rtt_target + costs.decode
+    return costs.rtt_target + costs.verify_intercept + k * costs.verify_slope
 
 
 def round_time(costs: Costs, k: int, mode: Mode = "sequential", alpha: float | None = None) -> float:
@@ -120,7 +126,7 @@ def throughputs(alpha: float, costs: Costs, mode: Mode = "sequential", max_k: in
     dk, vk = costs.draft_per_token, costs.verify_slope
     extra, overhead = costs.spec_overhead, costs.round_overhead
     pipelined = mode == "pipelined"
-    out = [1.0 / (v0 + overhead)]
+    out = [1.0 / (verify_side(costs, 0) + overhead)]
     e, power = 1.0, 1.0  # E(k) and alpha^k
     for k in range(1, max_k + 1):
         power *= alpha
