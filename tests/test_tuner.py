@@ -175,6 +175,21 @@ def test_near_the_best_k_when_blocks_cost_more_than_decode_steps(mode: str) -> N
     assert not failures, "\n".join(failures)
 
 
+def test_a_few_speculative_rounds_set_their_overhead() -> None:
+    """Where drafting does not pay, speculative rounds are rare probes: their mean, not the first one, counts."""
+    tuner = Tuner()
+    tuner.record_draft(2, 0.001)
+    tuner.record_verify(2, 0.002)
+    tuner.record_verify(0, 0.001)
+    base = tuner.costs()
+    model = (
+        base.rtt_draft + base.draft_overhead + 2 * base.draft_per_token + base.verify_intercept + 2 * base.verify_slope
+    )
+    for extra in (0.0, 0.004, 0.004, 0.004):
+        tuner.record_round_time(2, model + extra)
+    assert tuner.costs().spec_overhead == pytest.approx(0.003, rel=1e-6)
+
+
 def test_worlds_cover_both_regimes() -> None:
     """The grid must contain worlds where speculation loses and where it wins, or the test above is moot."""
     from tandem.cost_model import Costs
