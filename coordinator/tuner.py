@@ -97,6 +97,7 @@ class RequestState:
     accepted: float = 0.0
     rejected: float = 0.0
     probe_credit: float = 0.0
+    probe_in: int = 0  # target-only rounds expected before the next probe (0 while drafting)
     rounds: int = 0
 
 
@@ -318,15 +319,19 @@ class Tuner:
             # break-even the loss is small and probes come often; hopeless drafts are rarely tried.
             t0 = round_time(costs, 0, mode)
             probe = tps.index(max(tps[1:]), 1)
-            request.probe_credit += self.probe_budget * t0
+            earn = self.probe_budget * t0
+            request.probe_credit += earn
             loss = round_time(costs, probe, mode, alpha) - expected_tokens(alpha, probe) * t0
             self.alone_rounds += 1
             if request.probe_credit >= loss or self.alone_rounds >= MAX_ALONE_ROUNDS:
-                request.probe_credit = 0.0
+                request.probe_credit, request.probe_in = 0.0, 0
                 self.alone_rounds = 0
                 return probe
+            request.probe_in = MAX_ALONE_ROUNDS - self.alone_rounds
+            if earn > 0:
+                request.probe_in = min(request.probe_in, math.ceil((loss - request.probe_credit) / earn))
             return 0
-        request.probe_credit = 0.0
+        request.probe_credit, request.probe_in = 0.0, 0
         self.alone_rounds = 0
         if self.dither_every and request.rounds % self.dither_every == self.dither_every - 1:
             step = 1 if (request.rounds // self.dither_every) % 2 == 0 else -1
