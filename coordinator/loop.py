@@ -730,7 +730,12 @@ class Coordinator:
                     raise TargetError(f"target node {self.target.url}: {exc}") from None
                 self.target_suspect = False
             try:
-                if draft is not None and draft.up and 1 < len(ctx) <= draft_ctx():
+                if (
+                    draft is not None
+                    and draft.up
+                    and 1 < len(ctx) <= draft_ctx()
+                    and (policy is not None or tuner.drafts_soon(state, mode, PROBE_LEAD))
+                ):
                     # Beside the target's prefill; rounds stay target-only until it is done.
                     dprefill = asyncio.ensure_future(self._catch_up(stats, sid, ctx[:-1], 0))
                     dprefill.add_done_callback(_consume)

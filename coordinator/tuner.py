@@ -317,19 +317,14 @@ class Tuner:
             # Earn credit while the target runs alone; spend it on a probe at the best k > 0 once it
             # covers that round's predicted loss against making the same tokens at k = 0. Near
             # break-even the loss is small and probes come often; hopeless drafts are rarely tried.
-            t0 = round_time(costs, 0, mode)
-            probe = tps.index(max(tps[1:]), 1)
-            earn = self.probe_budget * t0
+            probe, loss, earn = self._probe(costs, alpha, tps, mode)
             request.probe_credit += earn
-            loss = round_time(costs, probe, mode, alpha) - expected_tokens(alpha, probe) * t0
             self.alone_rounds += 1
             if request.probe_credit >= loss or self.alone_rounds >= MAX_ALONE_ROUNDS:
                 request.probe_credit, request.probe_in = 0.0, 0
                 self.alone_rounds = 0
                 return probe
-            request.probe_in = MAX_ALONE_ROUNDS - self.alone_rounds
-            if earn > 0:
-                request.probe_in = min(request.probe_in, math.ceil((loss - request.probe_credit) / earn))
+            request.probe_in = self._rounds_to_probe(request, loss, earn)
             return 0
         request.probe_credit, request.probe_in = 0.0, 0
         self.alone_rounds = 0
@@ -337,6 +332,32 @@ class Tuner:
             step = 1 if (request.rounds // self.dither_every) % 2 == 0 else -1
             k = min(max(k + step, 0), cap)
         return k
+
+    def drafts_soon(self, request: RequestState, mode: Mode = "sequential", within: int = 4) -> bool:
+        """Whether the request is expected to draft within `within` rounds, as choose_k would decide them. A
+        request starting where drafting does not pay sends the draft its prompt only ahead of a probe."""
+        costs = self.costs()
+        if costs is None or self.max_k == 0:
+            return costs is None
+        alpha = self.alpha(request)
+        tps = throughputs(alpha, costs, mode, self.max_k)
+        if tps.index(max(tps)) > 0:
+            return True
+        _, loss, earn = self._probe(costs, alpha, tps, mode)
+        return self._rounds_to_probe(request, loss, earn) <= within
+
+    def _probe(self, costs: Costs, alpha: float, tps: list[float], mode: Mode) -> tuple[int, float, float]:
+        """(the k a probe drafts, its predicted loss against k = 0, the credit a target-only round earns)."""
+        t0 = round_time(costs, 0, mode)
+        probe = tps.index(max(tps[1:]), 1)
+        loss = round_time(costs, probe, mode, alpha) - expected_tokens(alpha, probe) * t0
+        return probe, loss, self.probe_budget * t0
+
+    def _rounds_to_probe(self, request: RequestState, loss: float, earn: float) -> int:
+        rounds = MAX_ALONE_ROUNDS - self.alone_rounds
+        if earn > 0:
+            rounds = min(rounds, math.ceil((loss - request.probe_credit) / earn))
+        return max(rounds, 1)
 
     def summary(self, request: RequestState | None = None, mode: Mode = "sequential") -> dict[str, float]:
         """Current estimates, for logs and metrics."""

@@ -157,10 +157,10 @@ def test_auto_k_drafts_where_it_pays_and_not_where_it_cannot(models: Models, nod
 
 
 def test_an_idle_draft_is_caught_up_just_before_a_probe(models: Models, nodes: dict[str, NodeThread]) -> None:
-    """While the target runs alone and the tuner waits to probe, the draft is left alone (on a GPU shared with
-    the target, catch-ups slowed it), and a few rounds before the probe it is sent the new tokens beside the
-    target's call, so that the probe does not pay for the whole stretch on its critical path. Probe credit
-    is off here: the probe comes after MAX_ALONE_ROUNDS target-only rounds."""
+    """While the target runs alone and the tuner waits to probe, the draft is left alone, not even sent the
+    prompt (on a GPU shared with the target, catch-ups slowed it), and a few rounds before the probe it is
+    sent the context beside the target's call, so that the probe does not pay for the whole stretch on its
+    critical path. Probe credit is off here: the probe comes after MAX_ALONE_ROUNDS target-only rounds."""
     draft = NodeThread(DraftService(models.other, max_sessions=4))
 
     async def go() -> tuple[Stats, list[int]]:
@@ -173,7 +173,7 @@ def test_an_idle_draft_is_caught_up_just_before_a_probe(models: Models, nodes: d
                 async for out in rounds:
                     n += len(out)
                     live = [s for s in draft.service.sessions.values() if s.seq is not None and not s.closed]
-                    lags.append(n - 1 - max(len(s.seq) for s in live))
+                    lags.append(n - 1 - max((len(s.seq) for s in live), default=0))
             return stats, lags
 
     try:

@@ -190,6 +190,22 @@ def test_a_few_speculative_rounds_set_their_overhead() -> None:
     assert tuner.costs().spec_overhead == pytest.approx(0.003, rel=1e-6)
 
 
+def test_drafts_soon_where_drafting_pays_or_a_probe_is_near() -> None:
+    tuner = Tuner()
+    request = tuner.new_request()
+    assert tuner.drafts_soon(request)  # nothing measured: the first rounds draft
+    tuner.record_draft(2, 0.050)  # a draft far slower than the target: drafting cannot pay
+    tuner.record_verify(2, 0.002)
+    tuner.record_verify(0, 0.002)
+    assert not tuner.drafts_soon(request)
+    tuner.alone_rounds = MAX_ALONE_ROUNDS - 3
+    assert tuner.drafts_soon(request, within=4) and not tuner.drafts_soon(request, within=2)
+    cheap = Tuner()
+    cheap.record_draft(2, 0.0001)
+    cheap.record_verify(2, 0.002)
+    assert cheap.drafts_soon(cheap.new_request())
+
+
 def test_worlds_cover_both_regimes() -> None:
     """The grid must contain worlds where speculation loses and where it wins, or the test above is moot."""
     from tandem.cost_model import Costs
