@@ -13,12 +13,15 @@ choose_k maximises predicted tokens/s.
 
 Two kinds of exploration keep the estimates alive. While speculating, every dither_every-th round
 drafts one token more or fewer, so the linear fits keep seeing more than one k. While the target
-runs alone (k = 0) nothing is learnt about acceptance, so a request earns "probe credit" at
-probe_budget of each round's time and spends it on a round at the best k > 0 once the credit covers
-that round's predicted loss: the probes cost at most about probe_budget of throughput, and a
-request whose text turns easy gets back to speculating. However costly the draft looks, at most
-MAX_ALONE_ROUNDS rounds pass without a draft: a cost that was measured once in a stall and never
-again would otherwise keep the draft out for good.
+runs alone (k = 0) nothing is learnt about acceptance, so target-only rounds earn "probe credit" at
+probe_budget of each round's time, spent on a round at the best k > 0 once the credit covers that
+round's predicted loss; once the round is timed, the credit pays what it really lost. So the probes cost
+about probe_budget of throughput however far the model misjudges them, and a request whose text turns
+easy gets back to speculating. The credit is shared by all requests: earned per request, it gave every
+64-token request about one probe on an H100 where no k paid. However costly the draft looks, at most
+MAX_ALONE_ROUNDS rounds pass without a draft, twice as many after each such probe that finds drafting
+still hopeless (up to 16x): a cost that was measured once in a stall and never again would otherwise
+keep the draft out for good.
 
 Not thread-safe: call from the coordinator's event loop.
 """
@@ -34,7 +37,7 @@ __all__ = ["LinearFit", "RequestState", "Tuner"]
 
 
 OUTLIER = 4.0  # a cost sample counts as at most this many times the fit's prediction
-MAX_ALONE_ROUNDS = 256  # target-only rounds in a row, across requests, before a probe however costly
+MAX_ALONE_ROUNDS = 512  # target-only rounds in a row, across requests, before a probe however costly
 
 
 class LinearFit:
@@ -96,7 +99,6 @@ class RequestState:
     greedy: bool = True
     accepted: float = 0.0
     rejected: float = 0.0
-    probe_credit: float = 0.0
     probe_in: int = 0  # target-only rounds expected before the next probe (0 while drafting)
     rounds: int = 0
 
@@ -115,7 +117,7 @@ class Tuner:
         global_decay: float = 0.999,
         request_decay: float = 0.98,
         dither_every: int = 16,
-        probe_budget: float = 0.02,
+        probe_budget: float = 0.01,
     ) -> None:
         if max_k < 0 or initial_k < 0:
             raise ValueError("max_k and initial_k must be >= 0")
@@ -146,6 +148,9 @@ class Tuner:
         self.global_counts = {True: [0.0, 0.0], False: [0.0, 0.0]}  # greedy -> [accepted, rejected]
         self.rounds = 0
         self.alone_rounds = 0  # target-only choices in a row, across requests
+        self.alone_limit = MAX_ALONE_ROUNDS  # ... before a probe however costly
+        self.probe_credit = 0.0  # seconds of throughput probes may still lose (negative: overspent)
+        self._probe_loss: float | None = None  # the predicted loss of the probe in flight, until it is timed
         self._costs: Costs | None = None  # costs(), until the next measurement changes it
         self._costs_stale = True
 
@@ -192,6 +197,11 @@ class Tuner:
         )
         extra = min(wall_s - base, 2.0 * base)  # one stall (GC, a slow client) must not swamp the estimate
         self._costs_stale = True
+        if k and self._probe_loss is not None:  # a probe: pay what it lost beyond the prediction
+            a = self.alpha() if alpha is None else alpha
+            lost = wall_s - expected_tokens(a, k) * round_time(costs, 0, mode)
+            self.probe_credit -= lost - self._probe_loss
+            self._probe_loss = None
         # The mean of the first rounds, then an EWMA: where speculation does not pay, speculative rounds are
         # a few probes, and an EWMA started at the first one held near it for dozens more (probes on an H100
         # took 6-13 ms against 1.8 ms rounds at k = 0).
@@ -318,16 +328,19 @@ class Tuner:
             # covers that round's predicted loss against making the same tokens at k = 0. Near
             # break-even the loss is small and probes come often; hopeless drafts are rarely tried.
             probe, loss, earn = self._probe(costs, alpha, tps, mode)
-            request.probe_credit += earn
+            self.probe_credit += earn
             self.alone_rounds += 1
-            if request.probe_credit >= loss or self.alone_rounds >= MAX_ALONE_ROUNDS:
-                request.probe_credit, request.probe_in = 0.0, 0
+            if self.probe_credit >= loss or self.alone_rounds >= self.alone_limit:
+                if self.alone_rounds >= self.alone_limit:
+                    self.alone_limit = min(2 * self.alone_limit, 16 * MAX_ALONE_ROUNDS)
+                self.probe_credit -= loss
+                self._probe_loss, request.probe_in = loss, 0
                 self.alone_rounds = 0
                 return probe
-            request.probe_in = self._rounds_to_probe(request, loss, earn)
+            request.probe_in = self._rounds_to_probe(loss, earn)
             return 0
-        request.probe_credit, request.probe_in = 0.0, 0
-        self.alone_rounds = 0
+        self.probe_credit, request.probe_in = 0.0, 0
+        self.alone_rounds, self.alone_limit = 0, MAX_ALONE_ROUNDS
         if self.dither_every and request.rounds % self.dither_every == self.dither_every - 1:
             step = 1 if (request.rounds // self.dither_every) % 2 == 0 else -1
             k = min(max(k + step, 0), cap)
@@ -344,7 +357,7 @@ class Tuner:
         if tps.index(max(tps)) > 0:
             return True
         _, loss, earn = self._probe(costs, alpha, tps, mode)
-        return self._rounds_to_probe(request, loss, earn) <= within
+        return self._rounds_to_probe(loss, earn) <= within
 
     def _probe(self, costs: Costs, alpha: float, tps: list[float], mode: Mode) -> tuple[int, float, float]:
         """(the k a probe drafts, its predicted loss against k = 0, the credit a target-only round earns)."""
@@ -353,10 +366,10 @@ class Tuner:
         loss = round_time(costs, probe, mode, alpha) - expected_tokens(alpha, probe) * t0
         return probe, loss, self.probe_budget * t0
 
-    def _rounds_to_probe(self, request: RequestState, loss: float, earn: float) -> int:
-        rounds = MAX_ALONE_ROUNDS - self.alone_rounds
+    def _rounds_to_probe(self, loss: float, earn: float) -> int:
+        rounds = self.alone_limit - self.alone_rounds
         if earn > 0:
-            rounds = min(rounds, math.ceil((loss - request.probe_credit) / earn))
+            rounds = min(rounds, math.ceil((loss - self.probe_credit) / earn))
         return max(rounds, 1)
 
     def summary(self, request: RequestState | None = None, mode: Mode = "sequential") -> dict[str, float]:

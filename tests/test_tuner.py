@@ -206,6 +206,25 @@ def test_drafts_soon_where_drafting_pays_or_a_probe_is_near() -> None:
     assert cheap.drafts_soon(cheap.new_request())
 
 
+def test_probes_pay_what_they_really_lost() -> None:
+    """Probe credit is shared by requests and charged with each probe's measured loss: probes that the model
+    prices at a fraction of their cost come correspondingly rarer, so they keep to about probe_budget."""
+    tuner = Tuner()
+    tuner.record_draft(1, 0.004)
+    tuner.record_verify(1, 0.002)
+    tuner.record_verify(0, 0.002)
+    rounds, lost, request = 0, 0.0, tuner.new_request()
+    for i in range(20_000):
+        if i % 64 == 0:  # short requests, as in service
+            request = tuner.new_request()
+        k = tuner.choose_k(request)
+        wall = 0.002 if k == 0 else 0.030  # a probe really costs 15 target steps
+        tuner.record_round_time(k, wall)
+        lost += wall - 0.002 if k else 0.0
+        rounds += 1
+    assert lost / (rounds * 0.002) < 1.5 * tuner.probe_budget
+
+
 def test_worlds_cover_both_regimes() -> None:
     """The grid must contain worlds where speculation loses and where it wins, or the test above is moot."""
     from tandem.cost_model import Costs
@@ -360,9 +379,9 @@ def test_a_draft_that_looks_hopeless_is_still_probed_now_and_then() -> None:
     tuner = Tuner()
     tuner.record_draft(1, 10.0)
     tuner.record_verify(0, 0.01)
-    ks = [tuner.choose_k(tuner.new_request()) for _ in range(600)]
+    ks = [tuner.choose_k(tuner.new_request()) for _ in range(4 * MAX_ALONE_ROUNDS)]
     probes = [i for i, k in enumerate(ks) if k > 0]
-    assert probes[:2] == [MAX_ALONE_ROUNDS - 1, 2 * MAX_ALONE_ROUNDS - 1]
+    assert probes[:2] == [MAX_ALONE_ROUNDS - 1, 3 * MAX_ALONE_ROUNDS - 1]  # the wait doubles while hopeless
 
 
 def test_a_draft_call_that_also_took_context_only_lowers_the_fit() -> None:
