@@ -166,7 +166,7 @@ def test_an_idle_draft_is_caught_up_just_before_a_probe(models: Models, nodes: d
     async def go() -> tuple[Stats, list[int]]:
         async with coordinator(nodes["target-grpc"].url, draft.url, models) as c:
             await c.run(Request(prompts(1, seed=4)[0], 24, ignore_eos=True))  # the tuner learns: drafting cannot pay
-            c.tuner.probe_budget = 0.0
+            c.tuner.probe_budget, c.tuner.probe_credit = 0.0, 0.0
             req, stats = Request(prompts(1, seed=5)[0], MAX_ALONE_ROUNDS + 40, ignore_eos=True), Stats()
             n, lags = len(req.prompt), []
             async with aclosing(c.rounds(req, stats)) as rounds:
