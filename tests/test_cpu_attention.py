@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from tandem.engine import cpu_int4
+from tandem.engine import cpu_kernels
 
-pytestmark = pytest.mark.skipif(not cpu_int4.available(), reason="our CPU kernels need AVX512-BF16 and a compiler")
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="our CPU kernels need AVX512-BF16 and a compiler")
 
 
 def reference(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, pos: int) -> torch.Tensor:
@@ -49,11 +49,11 @@ def test_matches_float64_reference(nh: int, nkv: int, hd: int, k_new: int, pos: 
     """bfloat16 within its own rounding of the output; float32 to float32 accuracy."""
     keys_t, values = cache(nkv, hd, pos + k_new + 40, pos + k_new, torch.bfloat16, seed=pos * 100 + k_new)
     q = torch.randn(k_new, nh, hd, generator=torch.Generator().manual_seed(hd)).bfloat16()
-    out = cpu_int4.attention(q, keys_t, values, pos)
+    out = cpu_kernels.attention(q, keys_t, values, pos)
     assert out.dtype == torch.bfloat16 and out.shape == (k_new, nh, hd) and out.is_contiguous()
     assert rel_err(out, reference(q, keys_t, values, pos)) <= 4e-3
     q32, k32, v32 = q.float(), keys_t.float(), values.float()
-    out32 = cpu_int4.attention(q32, k32, v32, pos)
+    out32 = cpu_kernels.attention(q32, k32, v32, pos)
     assert out32.dtype == torch.float32
     assert rel_err(out32, reference(q32, k32, v32, pos)) <= 1e-5
 
@@ -62,7 +62,7 @@ def test_matches_float64_reference(nh: int, nkv: int, hd: int, k_new: int, pos: 
 def test_other_head_dims(hd: int) -> None:
     keys_t, values = cache(2, hd, 300, 290, torch.bfloat16, seed=hd)
     q = torch.randn(7, 4, hd).bfloat16()
-    assert rel_err(cpu_int4.attention(q, keys_t, values, 283), reference(q, keys_t, values, 283)) <= 4e-3
+    assert rel_err(cpu_kernels.attention(q, keys_t, values, 283), reference(q, keys_t, values, 283)) <= 4e-3
 
 
 def test_engine_layout() -> None:
@@ -73,12 +73,12 @@ def test_engine_layout() -> None:
     qk = torch.randn(k_new, nh + nkv, hd).bfloat16()
     q = qk[:, :nh]
     assert not q.is_contiguous()
-    out = cpu_int4.attention(q, keys_t, values, pos)
-    assert torch.equal(out, cpu_int4.attention(q.contiguous(), keys_t, values, pos))
+    out = cpu_kernels.attention(q, keys_t, values, pos)
+    assert torch.equal(out, cpu_kernels.attention(q.contiguous(), keys_t, values, pos))
     assert rel_err(out, reference(q, keys_t, values, pos)) <= 4e-3
     # A transposed head dim of q is taken too (copied).
     qt = q.contiguous().transpose(1, 2).contiguous().transpose(1, 2)
-    assert torch.equal(cpu_int4.attention(qt, keys_t, values, pos), out)
+    assert torch.equal(cpu_kernels.attention(qt, keys_t, values, pos), out)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -88,16 +88,16 @@ def test_rows_are_bit_identical_whatever_the_block(dtype: torch.dtype) -> None:
     pos, k_new = 500, 20
     keys_t, values = cache(3, 64, 576, pos + k_new, dtype, seed=8)
     q = torch.randn(k_new, 9, 64).to(dtype)
-    full = cpu_int4.attention(q, keys_t, values, pos)
+    full = cpu_kernels.attention(q, keys_t, values, pos)
     for k in (1, 2, 3, 5, 9, 13):
         for i in range(0, k_new - k + 1):
-            assert torch.equal(cpu_int4.attention(q[i : i + k], keys_t, values, pos + i), full[i : i + k])
+            assert torch.equal(cpu_kernels.attention(q[i : i + k], keys_t, values, pos + i), full[i : i + k])
     before = torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            assert torch.equal(cpu_int4.attention(q, keys_t, values, pos), full)
-            assert torch.equal(cpu_int4.attention(q[4:13], keys_t, values, pos + 4), full[4:13])
+            assert torch.equal(cpu_kernels.attention(q, keys_t, values, pos), full)
+            assert torch.equal(cpu_kernels.attention(q[4:13], keys_t, values, pos + 4), full[4:13])
     finally:
         torch.set_num_threads(before)
 
@@ -106,21 +106,21 @@ def test_bad_calls_are_clear_errors() -> None:
     keys_t, values = cache(3, 64, 64, 64, torch.bfloat16, seed=9)
     q = torch.randn(2, 9, 64).bfloat16()
     with pytest.raises(RuntimeError, match="bfloat16 or float32"):
-        cpu_int4.attention(q.half(), keys_t.half(), values.half(), 0)
+        cpu_kernels.attention(q.half(), keys_t.half(), values.half(), 0)
     with pytest.raises(RuntimeError, match="share a dtype"):
-        cpu_int4.attention(q.float(), keys_t, values, 0)
+        cpu_kernels.attention(q.float(), keys_t, values, 0)
     with pytest.raises(RuntimeError, match="do not fit"):
-        cpu_int4.attention(q, keys_t, values, 63)
+        cpu_kernels.attention(q, keys_t, values, 63)
     with pytest.raises(RuntimeError, match="do not fit"):
-        cpu_int4.attention(q, keys_t, values, -1)
+        cpu_kernels.attention(q, keys_t, values, -1)
     with pytest.raises(RuntimeError, match="evenly"):
-        cpu_int4.attention(torch.randn(2, 8, 64).bfloat16(), keys_t, values, 0)
+        cpu_kernels.attention(torch.randn(2, 8, 64).bfloat16(), keys_t, values, 0)
     with pytest.raises(RuntimeError, match="head_dim"):
-        cpu_int4.attention(torch.randn(2, 9, 48).bfloat16(), keys_t[:, :48], values[..., :48], 0)
+        cpu_kernels.attention(torch.randn(2, 9, 48).bfloat16(), keys_t[:, :48], values[..., :48], 0)
     with pytest.raises(RuntimeError, match="do not match"):
-        cpu_int4.attention(q, keys_t, values[:, :, :32], 0)
+        cpu_kernels.attention(q, keys_t, values[:, :, :32], 0)
     with pytest.raises(RuntimeError, match=r"\[k_new, heads, head_dim\]"):
-        cpu_int4.attention(q[0], keys_t, values, 0)
+        cpu_kernels.attention(q[0], keys_t, values, 0)
 
 
 def test_compiles_inside_a_graph() -> None:
@@ -128,7 +128,7 @@ def test_compiles_inside_a_graph() -> None:
     keys_t, values = cache(3, 64, 128, 100, torch.bfloat16, seed=10)
 
     def step(q: torch.Tensor, pos: int) -> torch.Tensor:
-        return cpu_int4.attention(q * 2, keys_t, values, pos).reshape(q.shape[0], -1) + 1
+        return cpu_kernels.attention(q * 2, keys_t, values, pos).reshape(q.shape[0], -1) + 1
 
     f = torch.compile(step, dynamic=True, fullgraph=True)
     for k_new, pos in ((1, 50), (3, 60), (9, 91)):

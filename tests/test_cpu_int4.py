@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.engine import cpu_int4
+from tandem.engine import cpu_kernels
 from tandem.engine.qlinear import Int4Weight
 
-pytestmark = pytest.mark.skipif(not cpu_int4.available(), reason="our int4 kernel needs AVX512-BF16 and a compiler")
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="our int4 kernel needs AVX512-BF16 and a compiler")
 
 
 def weights(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,7 +71,7 @@ def test_threads_give_the_same_bits() -> None:
 def test_agrees_with_torchs_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     q, scale, mn, dense = weights(200, 96, seed=3)
     ours = Int4Weight(q, scale, mn, torch.float32)
-    monkeypatch.setattr(cpu_int4, "available", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     theirs = Int4Weight(q, scale, mn, torch.float32)
     assert ours.ours and not theirs.ours
     x = torch.randn(4, 96)
@@ -96,15 +96,15 @@ def test_a_scale_beyond_float16_moves_the_matrix_to_torchs_packing() -> None:
 
 def test_bad_calls_are_clear_errors() -> None:
     q, scale, mn, _ = weights(32, 64, seed=5)
-    codes, sm = cpu_int4.pack(q, scale, mn)
+    codes, sm = cpu_kernels.pack(q, scale, mn)
     with pytest.raises(RuntimeError, match="bfloat16 or float32"):
-        cpu_int4.matmul(torch.randn(1, 64).half(), codes, sm, 32)
+        cpu_kernels.matmul(torch.randn(1, 64).half(), codes, sm, 32)
     with pytest.raises(RuntimeError, match="columns"):
-        cpu_int4.matmul(torch.randn(1, 96), codes, sm, 32)
+        cpu_kernels.matmul(torch.randn(1, 96), codes, sm, 32)
     with pytest.raises(RuntimeError, match="output rows"):
-        cpu_int4.matmul(torch.randn(1, 64), codes, sm, 33)
+        cpu_kernels.matmul(torch.randn(1, 64), codes, sm, 33)
     with pytest.raises(ValueError, match="multiple of 16"):
-        cpu_int4.pack(q[:20], scale[:20], mn[:20])
+        cpu_kernels.pack(q[:20], scale[:20], mn[:20])
     with pytest.raises(ValueError, match="multiple of 32"):
         Int4Weight(torch.zeros(16, 40, dtype=torch.uint8), torch.ones(16, 1), torch.zeros(16, 1), torch.float32)
 

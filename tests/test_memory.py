@@ -13,7 +13,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from tandem.engine import cpu_int4
+from tandem.engine import cpu_kernels
 from tandem.engine.gguf_file import read_gguf
 from tandem.engine.qlinear import SLICE, Int4Weight, cpu_layout, packed_linear
 from tandem.engine.quants import dequantize
@@ -70,7 +70,7 @@ def test_smollm2_quantized_load_keeps_under_one_and_a_half_file_sizes(smollm2: P
 def test_smollm2_embedding_reads_the_heads_rows_exactly(smollm2: Path, dtype: str) -> None:
     engine = load_engine(smollm2, device="cpu", dtype=dtype, weights="quantized")
     embed = engine.model.embed
-    if not cpu_int4.available() and cpu_layout() is None:
+    if not cpu_kernels.available() and cpu_layout() is None:
         pytest.skip("this torch's CPU int4 packing is not one whose rows read back: the file's rows are kept")
     assert embed.head is engine.model.output and embed.weight is None
     ref = table(smollm2, getattr(torch, dtype))
@@ -88,7 +88,7 @@ def test_tied_embedding_of_each_packed_type(qtype: str, tiny_tokenizer: Path, tm
     path = write_gguf(model, tmp_path / "m.gguf", dtype=qtype, tokenizer_from=tiny_tokenizer)
     eng = load_engine(path, device="cpu", dtype="float32", weights="quantized")
     assert not eng.dequantized_tensors
-    if cpu_int4.available() or cpu_layout() is not None:
+    if cpu_kernels.available() or cpu_layout() is not None:
         assert eng.model.embed.head is eng.model.output
     ids = torch.arange(TIED["vocab_size"])
     assert torch.equal(eng.model.embed(ids), table(path, torch.float32))
@@ -97,14 +97,14 @@ def test_tied_embedding_of_each_packed_type(qtype: str, tiny_tokenizer: Path, tm
     assert float((got - ref).norm() / ref.norm()) <= 1e-4
 
 
-@pytest.mark.parametrize("ours", [True, False], ids=["cpu_int4", "torch"])
+@pytest.mark.parametrize("ours", [True, False], ids=["cpu_kernels", "torch"])
 @pytest.mark.parametrize("n", [16, 48, 64 + 16, 200, SLICE + 128 + 3, 2 * SLICE + 7])
 def test_int4_rows_read_back(n: int, ours: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every row of a packing (full blocks, a short last block, padding, several slices) reads back."""
-    if ours and not cpu_int4.available():
+    if ours and not cpu_kernels.available():
         pytest.skip("our int4 kernel does not run on this CPU")
     if not ours:
-        monkeypatch.setattr(cpu_int4, "available", lambda: False)
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
         if cpu_layout() is None:
             pytest.skip("this torch's CPU int4 packing is not one whose rows read back")
     k = 96

@@ -303,12 +303,12 @@ def test_writer_refuses_configs_llama_cpp_would_misread(tmp_path: Path, tiny_tok
 
 MEMORY = """
 import ctypes, gc, json, os, sys
-from tandem.engine import cpu_int4
+from tandem.engine import cpu_kernels
 from tandem.engine.runtime import load_engine
 def anon():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon:"))
 load_engine(sys.argv[1], dtype="bfloat16", weights="quantized")  # first-use set-up (tokenizer, kernels)
-cpu_int4.available()
+cpu_kernels.available()
 out = {}
 for path in sys.argv[2:]:
     gc.collect()

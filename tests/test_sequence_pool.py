@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tandem.engine import cpu_int4
+from tandem.engine import cpu_kernels
 from tandem.engine.runtime import POOL_SIZE, load_engine
 from tandem.wire.errors import NodeError
 from tandem.wire.gen import tandem_pb2 as pb
@@ -83,16 +83,16 @@ def test_eager_forwards_never_read_cache_rows_past_the_length(model: Path) -> No
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["cpu_int4", "matmuls"])
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu_kernels", "matmuls"])
 def test_padded_cpu_attention_never_reads_garbage(model: Path, kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """bfloat16 on CPU: our attention kernel reads only live rows; the matmuls attend over a length rounded up
     to ATTN_PAD rows (model.attention_span), whose rows past the length are zeroed before use. Either way a
     cache full of NaN gives the logits of a clean one, across prefills, decode steps, a rollback and the step
     into the next padded block."""
-    if kernel and not cpu_int4.available():
+    if kernel and not cpu_kernels.available():
         pytest.skip("our CPU kernels do not run here")
     if not kernel:
-        monkeypatch.setattr(cpu_int4, "available", lambda: False)
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     engine = load_engine(model, "cpu", "bfloat16", "dequantized", threads=1)
     assert engine.model.cpu_attention == kernel
     dirty, clean = engine.new_sequence(256), engine.new_sequence(256)

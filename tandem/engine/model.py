@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tandem.engine import cpu_int4, cuda_attention
+from tandem.engine import cpu_kernels, cuda_attention
 from tandem.engine.qlinear import Linear, raw_rows
 
 MOE_ARCHS = ("qwen2moe", "qwen3moe", "deepseek2")
@@ -315,7 +315,7 @@ def self_attention(
         positions = pos if isinstance(pos, Tensor) else torch.arange(pos, pos + k_new, device=q.device)
         attn = cuda_attention.gqa_attention(q, k_cache, v_cache, positions)
     elif layer.cpu_attention and not isinstance(pos, Tensor):  # causal over the live rows, so no mask either
-        attn = cpu_int4.attention(q, k_cache, v_cache, pos)
+        attn = cpu_kernels.attention(q, k_cache, v_cache, pos)
     else:
         # The rows attended over: the mask's width where there is one (a graph's span, or attention_span's
         # padding), else exactly the live ones.
@@ -338,7 +338,7 @@ class Block(nn.Module):
         self.w2: Linear
         self.q_norm: Tensor | None = None
         self.k_norm: Tensor | None = None
-        self.cpu_attention = False  # cpu_int4.attention serves this block (set by the loader)
+        self.cpu_attention = False  # cpu_kernels.attention serves this block (set by the loader)
 
     def forward(
         self,
@@ -377,7 +377,7 @@ class Transformer(nn.Module):
         self.cos: Tensor
         self.sin: Tensor
         self.layer_devices: list[torch.device] = []
-        # cuda_attention serves every layer (all on CUDA, and no MLA), or cpu_int4's attention does. Set by the
+        # cuda_attention serves every layer (all on CUDA, and no MLA), or cpu_kernels.attention does. Set by the
         # loader once the layers are placed, so that a forward (a graph replay included) does not walk the
         # layers to find out.
         self.kernel_attention = False

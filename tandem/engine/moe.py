@@ -140,7 +140,7 @@ class MoEBlock(nn.Module):
         self.cfg, self.index = cfg, index
         self.mla = cfg.kv_lora_rank > 0
         self.kq_scale = mla_kq_scale(cfg) if self.mla else 0.0
-        self.cpu_attention = False  # cpu_int4.attention serves the GQA attention (set by the loader)
+        self.cpu_attention = False  # cpu_kernels.attention serves the GQA attention (set by the loader)
         self.ffn_device = torch.device("cpu")  # set by the loader, as is expert_device
         self.expert_device = torch.device("cpu")
         self.attn_norm: Tensor

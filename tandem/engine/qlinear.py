@@ -1,7 +1,7 @@
 """Linear layers whose weights stay in their GGUF precision.
 
 Q4_0, Q4_1 and Q4_K are 4-bit codes with one scale and one offset per 32 weights (w = q * scale + min):
-exactly the int4 weight-only format of our CPU kernel (cpu_int4) and of torch's kernels (group size 32,
+exactly the int4 weight-only format of our CPU kernel (cpu_int4.cpp) and of torch's kernels (group size 32,
 w = (q - 8) * scale + zero). Q8_0 splits exactly into two such 4-bit matrices (q8 = 16 * (hi - 8) + lo),
 so it rides the same kernels at the same bytes per weight. Everything else is dequantized at load.
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 from torch import Tensor, nn
 
-from tandem.engine import cpu_int4
+from tandem.engine import cpu_kernels
 
 GROUP = 32
 SLICE = 1024  # rows unpacked and packed at a time: a multiple of every packing's row block
@@ -107,7 +107,7 @@ def gather_codes(packed: list[Tensor], k: int, rows: Tensor, layout: tuple[int, 
 class Int4Weight(nn.Module):
     """One int4 matrix; y = x @ W.T where W = q * scale + mn per 32-wide group.
 
-    On CPUs with AVX512-BF16, bfloat16 and float32 activations run our kernel (cpu_int4); elsewhere torch's
+    On CPUs with AVX512-BF16, bfloat16 and float32 activations run our kernel (cpu_kernels.matmul); elsewhere torch's
     int4 kernels, whose packing wants W = (q - 8) * scale + zero. Built whole, or empty and then filled a
     slice of rows at a time (packed_linear), so that a big tensor's unpacked codes never exist at once:
     every packing lays rows out block by block.
@@ -130,11 +130,13 @@ class Int4Weight(nn.Module):
             raise ValueError(f"int4 weights need rows that are a multiple of {GROUP}, got {k}")
         self.out_features, self.in_features, self.dtype = n, k, dtype
         n_pad = n + -n % 16  # every packing wants N a multiple of 16; padded rows are zero weights
-        self.ours = ours and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and cpu_int4.available()
+        self.ours = (
+            ours and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and cpu_kernels.available()
+        )
         if self.ours:
-            blocks, groups = n_pad // cpu_int4.ROWS, k // GROUP
+            blocks, groups = n_pad // cpu_kernels.ROWS, k // GROUP
             self.register_buffer("packed", torch.empty(blocks, groups, 8, 32, dtype=torch.uint8))
-            self.register_buffer("scales", torch.empty(blocks, groups, 2, cpu_int4.ROWS, dtype=torch.float16))
+            self.register_buffer("scales", torch.empty(blocks, groups, 2, cpu_kernels.ROWS, dtype=torch.float16))
             return
         # torch's packings. Allocated by the first fill: its shape is the kernel's (dim 0 goes with the rows).
         self.register_buffer("packed", None)
@@ -149,7 +151,7 @@ class Int4Weight(nn.Module):
 
     @property
     def packed_rows(self) -> int:
-        return self.scales.shape[0] * cpu_int4.ROWS if self.ours else self.scales.shape[1]
+        return self.scales.shape[0] * cpu_kernels.ROWS if self.ours else self.scales.shape[1]
 
     @property
     def readable(self) -> bool:
@@ -168,9 +170,9 @@ class Int4Weight(nn.Module):
             mn = torch.cat((mn, mn.new_zeros(pad, k // GROUP)))
         end = start + q.shape[0]
         if self.ours:
-            if (packed := cpu_int4.pack(q, scale, mn)) is not None:
-                self.packed[start // cpu_int4.ROWS : end // cpu_int4.ROWS] = packed[0]
-                self.scales[start // cpu_int4.ROWS : end // cpu_int4.ROWS] = packed[1]
+            if (packed := cpu_kernels.pack(q, scale, mn)) is not None:
+                self.packed[start // cpu_kernels.ROWS : end // cpu_kernels.ROWS] = packed[0]
+                self.scales[start // cpu_kernels.ROWS : end // cpu_kernels.ROWS] = packed[1]
                 return
             self._repack_for_torch(start)  # a scale beyond float16's range: torch's kernel keeps float32 ones
         self.scales[:, start:end] = torch.stack((scale.t(), (mn + 8 * scale).t()), dim=-1)
@@ -194,7 +196,7 @@ class Int4Weight(nn.Module):
 
     def _repack_for_torch(self, filled: int) -> None:
         """Move the rows filled so far into torch's CPU packing."""
-        q = cpu_int4.gather_codes(self.packed, torch.arange(filled))
+        q = cpu_kernels.gather_codes(self.packed, torch.arange(filled))
         sm = self.scales.permute(2, 0, 3, 1).reshape(2, -1, self.in_features // GROUP)[:, :filled].float()
         del self.packed, self.scales
         self._allocate(self.out_features, self.in_features, self.dtype, torch.device("cpu"), ours=False)
@@ -204,7 +206,7 @@ class Int4Weight(nn.Module):
     def codes_of(self, rows: Tensor) -> Tensor:
         """The 4-bit codes of output rows `rows`: uint8 [len(rows), K]."""
         if self.ours:
-            return cpu_int4.gather_codes(self.packed, rows)
+            return cpu_kernels.gather_codes(self.packed, rows)
         if self.layout is None:
             raise ValueError("this int4 packing does not read rows back")
         return gather_codes([self.packed], self.in_features, rows, self.layout)[0]
@@ -213,7 +215,7 @@ class Int4Weight(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.ours:
-            return cpu_int4.matmul(x2, self.packed, self.scales, self.out_features).reshape(*shape[:-1], -1)
+            return cpu_kernels.matmul(x2, self.packed, self.scales, self.out_features).reshape(*shape[:-1], -1)
         if x2.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scales)
         else:

@@ -23,7 +23,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as GT
 from torch import Tensor
 
-from tandem.engine import cpu_int4, cuda_attention
+from tandem.engine import cpu_kernels, cuda_attention
 from tandem.engine.gguf_file import GGUFFile, TensorInfo, read_gguf
 from tandem.engine.model import MOE_ARCHS, Block, Embedding, ModelConfig, Transformer, attention_span, rope_tables
 from tandem.engine.qlinear import HEADER_BYTES, PACKED_TYPES, Linear, can_rebuild_rows, packed_linear
@@ -355,7 +355,7 @@ def load_engine(
         and tdtype in (torch.bfloat16, torch.float32)
         and cfg.head_dim % 32 == 0
         and cfg.head_dim <= 256
-        and cpu_int4.available()
+        and cpu_kernels.available()
     )
     for layer, dev in zip(model.layers, model.layer_devices, strict=True):
         layer.cpu_attention = cpu_ok and dev.type == "cpu"

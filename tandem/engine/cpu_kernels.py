@@ -1,15 +1,15 @@
-"""Our int4 matmul (cpu_int4.cpp) and decode/verify attention (cpu_attention.cpp) for x86 CPUs with AVX512-BF16,
-built on first use.
+"""Our CPU kernels for x86 with AVX512-BF16, built on first use with the machine's C++ compiler: the int4 matmul
+(cpu_int4.cpp) and decode/verify attention (cpu_attention.cpp).
 
 torch's CPU int4 kernel converts codes to float32 and re-converts them for every 4 rows of activations:
 on SmolLM2's gate/up projection it took 52 us for one row and 230 us for nine. Ours looks codes up as
 bfloat16 once per load and multiplies pairs with vdpbf16ps, exact products summed in float32: 20 us and
-100 us. Where the CPU lacks the instructions or no compiler is at hand, `available()` is False and the
-weights keep torch's packing.
+100 us. Attention of a decode step or a verify block over a bfloat16 cache, SmolLM2's shapes at 512 cached
+tokens on one core: 7 us a layer for one row and 44 for nine, against 73 and 155 for model.attention's
+matmuls and masked softmax; with the cache cold, as it is a step later, 22 and 60 us against 110 and 190.
 
-Attention of a decode step or a verify block over a bfloat16 cache, SmolLM2's shapes at 512 cached tokens on
-one core: 7 us a layer for one row and 44 for nine, against 73 and 155 for model.attention's matmuls and
-masked softmax. With the cache cold, as it is a step later, 22 and 60 us against 110 and 190.
+Where the CPU lacks the instructions or the build fails, `available()` is False: weights keep torch's
+packing and attention its matmuls.
 """
 
 from __future__ import annotations
@@ -32,21 +32,21 @@ FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp"]  # OpenMP: at::p
 
 @functools.cache
 def available() -> bool:
-    """Whether the kernel runs here; builds it the first time (about 10 s, then cached by torch)."""
+    """Whether the kernels run here; builds them the first time (10-20 s, then cached by torch)."""
     if not (hasattr(torch.cpu, "_is_avx512_bf16_supported") and torch.cpu._is_avx512_bf16_supported()):
         return False
     from torch.utils.cpp_extension import load
 
     try:
         load(
-            name="tandem_cpu_int4",
+            name="tandem_cpu",
             sources=[str(SOURCE), str(ATTENTION_SOURCE)],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )
     except Exception as exc:  # no compiler, no ninja, an unwritable cache: torch's kernel still works
-        log.warning("int4 CPU kernel unavailable (%s: %s); using torch's", type(exc).__name__, exc)
+        log.warning("our CPU kernels are unavailable (%s: %s); using torch's", type(exc).__name__, exc)
         return False
 
     @torch.library.register_fake("tandem_cpu::int4_mm")
