@@ -4,8 +4,8 @@ alpha is the per-token acceptance rate; k the draft length (0 = the target alone
 seconds. verify(k) = a + b*k is the target's time to check k >= 1 draft tokens (k + 1 positions: the last
 committed token plus the drafts); verify(0), a plain decode step, is a term of its own (`decode`, a when
 unknown): a decode step and a verify block can take different paths (a one-row matmul kernel against a
-multi-row one, another CUDA graph), and a 16-thread CPU target measured 41 ms a decode step where the
-verify line met k = 0 at 49.5 ms.
+multi-row one, another CUDA graph): a 16-thread CPU target's rounds at k = 0 took a median 41 ms where
+its fitted verify line met k = 0 at 49.5 ms.
 
 Sequential round:  T(k) = rtt_d + draft_overhead + k*draft_per_token + rtt_t + a + b*k,  T(0) = rtt_t + decode.
 

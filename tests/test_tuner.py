@@ -145,8 +145,8 @@ def test_learns_what_speculative_rounds_cost_beyond_the_model(mode: str) -> None
 
 
 def test_a_decode_step_is_fitted_apart_from_the_verify_line() -> None:
-    """A CPU target measured 41 ms a decode step and 49.5 + 2k ms a verify block. Fitted as one line through
-    k = 0, the decode step looked 8 ms dearer than it was and the blocks' slope absorbed the jump."""
+    """A CPU target's rounds took about 41 ms at k = 0 and 49.5 + 2k ms above. Fitted as one line through
+    k = 0, a decode step looks 8 ms dearer than it is and the blocks' slope absorbs the jump."""
     tuner = Tuner()
     tuner.record_draft(2, 0.002)
     for i in range(200):
