@@ -57,9 +57,8 @@ CONNECT_TIMEOUT = 10.0
 # While the target runs alone, the draft is sent the new tokens once it lags this many (beside the target's
 # call, on a node that is idle anyway), so that a probe or a return to speculation does not pay for the
 # whole stretch on its critical path. Where drafting does not pay, only ahead of a probe (PROBE_LEAD rounds
-# before the tuner expects it): on a GPU shared with the target each catch-up slowed the target's next
-# steps, and catch-ups every 32 tokens cost 3-7% of the target's speed on an H100 where probes came every
-# few hundred rounds.
+# before the tuner expects it): with both nodes on one H100, target-only rounds ran 2-6% slower (median)
+# while the draft was sent each prompt and caught up every 32 tokens, for probes that came rarely.
 CATCH_UP = 32
 PROBE_LEAD = 4
 # Errors that mean "this session is gone on the node": resend the whole context once.

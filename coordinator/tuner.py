@@ -272,7 +272,8 @@ class Tuner:
         return (request.accepted + s * g) / (request.accepted + request.rejected + s)
 
     def costs(self) -> Costs | None:
-        """The cost model's terms as measured; computed once per round (the loop asks several times)."""
+        """The cost model's terms as measured; computed again only after a new measurement (the loop asks
+        several times a round)."""
         if self._costs_stale:
             self._costs, self._costs_stale = self._measured_costs(), False
         return self._costs
