@@ -123,21 +123,13 @@ def throughputs(alpha: float, costs: Costs, mode: Mode = "sequential", max_k: in
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     v0, d0 = costs.rtt_target + costs.verify_intercept, costs.rtt_draft + costs.draft_overhead
-    dk, vk = costs.draft_per_token, costs.verify_slope
-    extra, overhead = costs.spec_overhead, costs.round_overhead
-    pipelined = mode == "pipelined"
-    out = [1.0 / (verify_side(costs, 0) + overhead)]
+    out = [1.0 / (verify_side(costs, 0) + costs.round_overhead)]
     e, power = 1.0, 1.0  # E(k) and alpha^k
     for k in range(1, max_k + 1):
         power *= alpha
         e += power
-        d, v = d0 + k * dk, v0 + k * vk
-        if pipelined:
-            w = power * alpha
-            t = w * max(d, v) + (1.0 - w) * (d + v)
-        else:
-            t = d + v
-        out.append(e / (max(t + extra, v) + overhead))  # as _speculative_round
+        d, v = d0 + k * costs.draft_per_token, v0 + k * costs.verify_slope
+        out.append(e / _speculative_round(costs, d, v, power * alpha, mode))
     return out
 
 

@@ -100,15 +100,15 @@ inline void score_chunks(const T* const* q, const T* kt, int64_t ldk, int hd, in
         }
       }
     }
+    // lo and hi hold the chunk's positions interleaved: put them back in order.
     const __m512i first = _mm512_load_si512(kOrder.first), second = _mm512_load_si512(kOrder.second);
     UNROLL
     for (int r = 0; r < MT; ++r)
       UNROLL
       for (int c = 0; c < NC; ++c) {
-        if (c0 + c * kChunk >= n) continue;
-        float* out = s + r * lds + c0 + c * kChunk;
-        _mm512_storeu_ps(out, _mm512_permutex2var_ps(lo[r][c], first, hi[r][c]));
-        _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(lo[r][c], second, hi[r][c]));
+        const __m512 a = _mm512_permutex2var_ps(lo[r][c], first, hi[r][c]);
+        hi[r][c] = _mm512_permutex2var_ps(lo[r][c], second, hi[r][c]);
+        lo[r][c] = a;
       }
   } else {  // float32: lo and hi are the chunk's two halves
     __mmask16 mask[NC][2];
@@ -140,16 +140,16 @@ inline void score_chunks(const T* const* q, const T* kt, int64_t ldk, int hd, in
         }
       }
     }
-    UNROLL
-    for (int r = 0; r < MT; ++r)
-      UNROLL
-      for (int c = 0; c < NC; ++c) {
-        if (c0 + c * kChunk >= n) continue;
-        float* out = s + r * lds + c0 + c * kChunk;
-        _mm512_storeu_ps(out, lo[r][c]);
-        _mm512_storeu_ps(out + 16, hi[r][c]);
-      }
   }
+  UNROLL
+  for (int r = 0; r < MT; ++r)
+    UNROLL
+    for (int c = 0; c < NC; ++c) {
+      if (c0 + c * kChunk >= n) continue;
+      float* out = s + r * lds + c0 + c * kChunk;
+      _mm512_storeu_ps(out, lo[r][c]);
+      _mm512_storeu_ps(out + 16, hi[r][c]);
+    }
 }
 
 // Chunks in groups of NC for independent accumulators where few rows share them, the rest one by one: each
