@@ -8,8 +8,9 @@ fixed k = 1..8 and tuned k, at T = 0 and T = 0.7, with the cost model's predicti
 Every configuration runs the same set of distinct prompts (repeating one prompt would let a draft's
 acceptance look better than it is), one request at a time, each prompt under all configurations in turn.
 tok/s is generated tokens over decode time (prefill excluded, the same for every row); "predicted" is the
-cost model's tokens/s for the k chosen each round, from the tuner's measurements at that moment. Figures
-depend on the machines and their load.
+cost model's tokens/s for the k chosen each round, from the tuner's measurements at that moment; "hits"
+(pipelined) counts the blocks drafted ahead that were used, of those drafted. Figures depend on the
+machines and their load.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class Row:
     accepted: int = 0
     rounds: int = 0
     k_sum: int = 0
+    bets: int = 0  # pipelined: blocks drafted ahead, and those used
+    hits: int = 0
     predicted_tokens: float = 0.0
     predicted_time: float = 0.0
     texts: list[list[int]] = field(default_factory=list)
@@ -73,6 +76,8 @@ class Row:
         self.accepted += s.accepted
         self.rounds += s.rounds
         self.k_sum += sum(k * n for k, n in s.k_hist.items())
+        self.bets += s.pipeline_bets
+        self.hits += s.pipeline_hits
         self.predicted_tokens += s.predicted_tokens
         self.predicted_time += s.predicted_time
         self.texts.append(tokens)
@@ -91,6 +96,7 @@ class Row:
             "tokens_per_second": round(self.tps, 3), "acceptance": round(self.accepted / self.drafted, 4)
             if self.drafted else None, "tokens_per_round": round(self.tokens / self.rounds, 3) if self.rounds else None,
             "mean_k": round(self.k_sum / self.rounds, 3) if self.rounds else None,
+            "pipeline_bets": self.bets, "pipeline_hits": self.hits,
             "predicted_tokens_per_second": None if self.predicted is None else round(self.predicted, 3),
         }  # fmt: skip
 
@@ -126,14 +132,15 @@ async def run_configs(
 
 def table(rows: list[Row]) -> str:
     out = [f"{'T':>4} {'mode':<12} {'k':>4} {'tok/s':>8} {'x alone':>8} {'accept':>7} {'tok/rnd':>8} {'mean k':>7} "
-           f"{'predicted':>10}"]  # fmt: skip
+           f"{'hits':>9} {'predicted':>10}"]  # fmt: skip
     base = {r.temperature: r.tps for r in rows if r.mode == "target-only"}
     for r in rows:
         acc = f"{r.accepted / r.drafted:.2f}" if r.drafted else "-"
         pred = f"{r.predicted:.1f}" if r.predicted else "-"
         rel = r.tps / base[r.temperature] if base.get(r.temperature) else float("nan")
+        hits = f"{r.hits}/{r.bets}" if r.bets else "-"
         out.append(f"{r.temperature:>4.1f} {r.mode:<12} {r.k:>4} {r.tps:>8.2f} {rel:>8.2f} {acc:>7} "
-                   f"{r.tokens / max(r.rounds, 1):>8.2f} {r.k_sum / max(r.rounds, 1):>7.2f} {pred:>10}")  # fmt: skip
+                   f"{r.tokens / max(r.rounds, 1):>8.2f} {r.k_sum / max(r.rounds, 1):>7.2f} {hits:>9} {pred:>10}")  # fmt: skip
     return "\n".join(out)
 
 

@@ -222,8 +222,8 @@ def fmt_stats(label: str, result: Any) -> str:
         parts.append("rtt " + ", ".join(rtts))
     if s.predicted_tps:
         parts.append(f"predicted {s.predicted_tps:.1f} tok/s")
-    if s.pipeline_hits:
-        parts.append(f"pipeline hits {s.pipeline_hits}")
+    if s.pipeline_bets:
+        parts.append(f"pipeline hits {s.pipeline_hits}/{s.pipeline_bets}")
     if s.fallback_rounds:
         parts.append(f"target-only fallback rounds {s.fallback_rounds}")
     parts.append(f"{s.mode}, k={s.k_policy}, finish={result.finish_reason}")

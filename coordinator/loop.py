@@ -37,7 +37,7 @@ from typing import Any, Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from coordinator.tuner import RequestState, Tuner
-from tandem.cost_model import expected_tokens, round_time
+from tandem.cost_model import expected_tokens, pipelined_round_time, round_time
 from tandem.engine.tokenizer import StreamDecoder, Tokenizer
 from tandem.sampling import SamplingParams
 from tandem.wire.client import NodeClient, connect
@@ -316,7 +316,8 @@ class Stats:
     k_hist: Tally[int] = field(default_factory=Tally)
     fallback_rounds: int = 0  # rounds that would have drafted but the draft was unavailable
     draft_failures: int = 0
-    pipeline_hits: int = 0
+    pipeline_bets: int = 0  # blocks drafted ahead (pipelined)
+    pipeline_hits: int = 0  # ... that were used
     prefill_s: float = 0.0
     decode_s: float = 0.0
     draft_link_s: float = 0.0
@@ -356,6 +357,7 @@ class Stats:
             "acceptance_rate": r(self.acceptance),
             "mean_tokens_per_round": r(self.completion_tokens / self.rounds if self.rounds else None),
             "k_histogram": {str(k): n for k, n in sorted(self.k_hist.items())},
+            "pipeline_bets": self.pipeline_bets,
             "pipeline_hits": self.pipeline_hits,
             "fallback_rounds": self.fallback_rounds,
             "draft_failures": self.draft_failures,
@@ -642,10 +644,11 @@ class Coordinator:
         return rep, wall
 
     async def _propose(
-        self, stats: Stats, sid: str, ctx: list[int], held: int, k: int, sp: SamplingParams
+        self, stats: Stats, sid: str, ctx: list[int], held: int, k: int, sp: SamplingParams, guess: bool = False
     ) -> tuple[pb.ProposeReply, float]:
-        """Propose from ctx (resending it whole if the draft lost the session); NodeError on failure."""
-        args = (k, sp, self.settings.draft_top_k)
+        """Propose from ctx (resending it whole if the draft lost the session); NodeError on failure.
+        guess: the first token is the draft's guess at the target's next one (drafting ahead)."""
+        args = (k, sp, self.settings.draft_top_k, guess)
         limit = self.settings.draft_timeout
         try:
             rep, wall = await self._draft_call(stats, "propose", sid, held, ctx[held:], *args, limit=limit)
@@ -761,7 +764,7 @@ class Coordinator:
                             use_draft = not self._draft_failed(stats, exc) and use_draft
                         dprefill = None
 
-                    k = len(block)
+                    k, ready = len(block), bool(block)
                     if not block:
                         cap = min(remaining - 1, room_t, s.max_k, draft_max_k(), draft_ctx() - len(ctx) + 1)
                         if draft is not None and use_draft and cap > 0 and dprefill is None:
@@ -779,18 +782,38 @@ class Coordinator:
                                 stats.fallback_rounds += 1
                                 block, dists, k = [], [], 0
                     alpha = tuner.alpha(state)
-                    if (costs := tuner.costs()) is not None:
-                        stats.predicted_tokens += expected_tokens(alpha, k)
-                        stats.predicted_time += round_time(costs, k, mode, alpha)
-
                     t_round = time.perf_counter()
                     vtask = asyncio.ensure_future(self._verify(stats, sid, ctx, t_held, block, dists, sp))
                     vtask.add_done_callback(_consume)
+                    ahead: asyncio.Task[Any] | None = None
+                    k2 = 0  # pipelined: tokens the draft drafts past its guess of the target's next one
+                    if mode == "pipelined" and use_draft and draft is not None and draft.up and dprefill is None:
+                        cap2 = min(
+                            remaining - k - 2, room_t - k - 1, s.max_k, draft_max_k() - 1, draft_ctx() - len(ctx) - k
+                        )
+                        if cap2 > 0 and policy is not None:
+                            k2 = min(policy, cap2) if k > 0 else 0
+                        elif cap2 > 0:
+                            # A 0 from the tuner may come with a length to draft ahead of a target-only round.
+                            k2 = (tuner.choose_k(state, mode, cap2) if k > 0 else 0) or min(state.ahead, cap2)
+                        if k2 > 0:
+                            base = len(ctx) + k - 1 if k > 0 else d_held
+                            call = self._propose(stats, sid, [*ctx, *block], base, k2 + 1, sp, guess=True)
+                            ahead = asyncio.ensure_future(call)
+                            stats.pipeline_bets += 1
+                            ahead.add_done_callback(_consume)
+                    if (costs := tuner.costs()) is not None:
+                        stats.predicted_tokens += expected_tokens(alpha, k)
+                        if mode == "pipelined":
+                            stats.predicted_time += pipelined_round_time(costs, k, k2, ready, alpha**k)
+                        else:
+                            stats.predicted_time += round_time(costs, k, mode, alpha)
                     # The tuner drafting (or not asked): every CATCH_UP tokens; it waiting to probe: just before.
                     lag = len(ctx) - 1 - d_held
                     due = lag >= CATCH_UP if state.probe_in == 0 else state.probe_in <= PROBE_LEAD and lag >= PROBE_LEAD
                     if (
                         k == 0
+                        and ahead is None
                         and due
                         and dprefill is None
                         and draft is not None
@@ -801,18 +824,6 @@ class Coordinator:
                         dprefill_to = len(ctx) - 1
                         dprefill = asyncio.ensure_future(self._catch_up(stats, sid, ctx[:dprefill_to], d_held))
                         dprefill.add_done_callback(_consume)
-                    ahead: asyncio.Task[Any] | None = None
-                    k2 = 0
-                    if mode == "pipelined" and k > 0 and use_draft and draft is not None and draft.up:
-                        cap2 = min(
-                            remaining - k - 2, room_t - k - 1, s.max_k, draft_max_k() - 1, draft_ctx() - len(ctx) - k
-                        )
-                        if cap2 > 0:
-                            k2 = tuner.choose_k(state, mode, cap2) if policy is None else min(policy, cap2)
-                        if k2 > 0:
-                            base = len(ctx) + k - 1
-                            ahead = asyncio.ensure_future(self._propose(stats, sid, [*ctx, *block], base, k2 + 1, sp))
-                            ahead.add_done_callback(_consume)
                     try:
                         vrep, vwall = await vtask
                     except BaseException:
@@ -846,7 +857,7 @@ class Coordinator:
                     tuner.record_verify(k, vrep.timing.compute_ns / 1e9, vwall)
                     tuner.record_acceptance(state, k, n)
                     now = time.perf_counter()
-                    tuner.record_round_time(k, now - t_prev, mode, alpha)
+                    tuner.record_round_time(k, now - t_prev, mode, alpha, ready=ready, ahead=k2, held=n == k)
                     t_prev = now
                     stats.rounds += 1
                     stats.k_hist[k] += 1

@@ -9,7 +9,8 @@ draft against a distribution, not an argmax), shrunk toward the pooled estimate,
 own counts; and what rounds cost beyond all that, as EWMAs
 of each round's wall time minus the model's, apart for target-only and speculative rounds (the model's
 blind spots: the draft catching up after target-only stretches, the coordinator's own work).
-choose_k maximises predicted tokens/s.
+choose_k maximises predicted tokens/s; in pipelined mode, leaving the target alone while the draft drafts
+ahead of it (cost_model.predraft_throughputs) is one more choice, handed to the loop as RequestState.ahead.
 
 Two kinds of exploration keep the estimates alive. While speculating, every dither_every-th round
 drafts one token more or fewer, so the linear fits keep seeing more than one k. While the target
@@ -31,7 +32,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from tandem.cost_model import Costs, Mode, best_k, expected_tokens, round_time, throughputs, tokens_per_second
+from tandem.cost_model import (
+    Costs,
+    Mode,
+    best_plan,
+    expected_tokens,
+    pipelined_round_time,
+    predraft_throughputs,
+    round_time,
+    throughputs,
+    tokens_per_second,
+)
 
 __all__ = ["LinearFit", "RequestState", "Tuner"]
 
@@ -101,6 +112,7 @@ class RequestState:
     rejected: float = 0.0
     probe_in: int = 0  # target-only rounds expected before the next probe (0 while drafting)
     rounds: int = 0
+    ahead: int = 0  # pipelined: tokens to draft ahead past a guess while the target runs alone (0: none)
 
 
 class Tuner:
@@ -144,7 +156,9 @@ class Tuner:
         self.rtt_target: float | None = None
         self.extra_alone: float | None = None  # round wall time beyond the model, k = 0
         self.extra_spec: float | None = None  # the same, k > 0
-        self.n_alone = self.n_spec = 0  # rounds behind each
+        self.extra_ready: float | None = None  # the same, k > 0 with the block drafted ahead (pipelined)
+        self.extra_ahead: float | None = None  # the same, k = 0 with a draft call ahead (pipelined)
+        self.n_alone = self.n_spec = self.n_ready = self.n_ahead = 0  # rounds behind each
         self.global_counts = {True: [0.0, 0.0], False: [0.0, 0.0]}  # greedy -> [accepted, rejected]
         self.rounds = 0
         self.alone_rounds = 0  # target-only choices in a row, across requests
@@ -186,33 +200,55 @@ class Tuner:
         if wall_s is not None:
             self.rtt_target = self._rtt(self.rtt_target, wall_s, compute_s)
 
-    def record_round_time(self, k: int, wall_s: float, mode: Mode = "sequential", alpha: float | None = None) -> None:
+    def record_round_time(
+        self,
+        k: int,
+        wall_s: float,
+        mode: Mode = "sequential",
+        alpha: float | None = None,
+        *,
+        ready: bool | None = None,
+        ahead: int = 0,
+        held: bool = True,
+    ) -> None:
         """A round's wall time, end to end (from the previous round's end: the caller's work between rounds
-        counts). Its excess over the model's calls feeds round_overhead or spec_overhead."""
+        counts). Its excess over the model's calls feeds round_overhead or one of the other overheads.
+        Pipelined, `ready` says whether the block was drafted ahead, `ahead` how many tokens the draft
+        drafted ahead during this round and `held` whether all k drafts held (the call ahead was waited
+        for); with ready None the round is priced at the mode's expectation."""
         costs = self.costs()
         if costs is None:
             return
-        base = round_time(
-            replace(costs, round_overhead=0.0, spec_overhead=0.0), k, mode, self.alpha() if alpha is None else alpha
-        )
+        a = self.alpha() if alpha is None else alpha
+        bare = replace(costs, round_overhead=0.0, spec_overhead=0.0, ready_overhead=0.0, ahead_overhead=0.0)
+        if mode == "pipelined" and ready is not None:
+            base = pipelined_round_time(bare, k, ahead, ready, float(held))
+        else:
+            base = round_time(bare, k, mode, a)
         extra = min(wall_s - base, 2.0 * base)  # one stall (GC, a slow client) must not swamp the estimate
         self._costs_stale = True
         if k and self._probe_loss is not None:  # a probe: pay what it lost beyond the prediction
-            a = self.alpha() if alpha is None else alpha
             lost = wall_s - expected_tokens(a, k) * round_time(costs, 0, mode)
             self.probe_credit -= lost - self._probe_loss
             self._probe_loss = None
         # The mean of the first rounds, then an EWMA: where speculation does not pay, speculative rounds are
         # a few probes, and an EWMA started at the first one held near it for dozens more (probes on an H100
         # took 6-13 ms against 1.8 ms rounds at k = 0).
-        if k == 0:
-            self.n_alone += 1
-            s = max(self.overhead_smoothing, 1.0 / self.n_alone)
-            self.extra_alone = extra if self.extra_alone is None else self.extra_alone + s * (extra - self.extra_alone)
-        else:
+        if k and ready and mode == "pipelined":
+            self.n_ready += 1
+            self.extra_ready = self._mean(self.extra_ready, extra, self.n_ready)
+        elif k:
             self.n_spec += 1
-            s = max(self.overhead_smoothing, 1.0 / self.n_spec)
-            self.extra_spec = extra if self.extra_spec is None else self.extra_spec + s * (extra - self.extra_spec)
+            self.extra_spec = self._mean(self.extra_spec, extra, self.n_spec)
+        elif ahead:
+            self.n_ahead += 1
+            self.extra_ahead = self._mean(self.extra_ahead, extra, self.n_ahead)
+        else:
+            self.n_alone += 1
+            self.extra_alone = self._mean(self.extra_alone, extra, self.n_alone)
+
+    def _mean(self, old: float | None, sample: float, n: int) -> float:
+        return sample if old is None else old + max(self.overhead_smoothing, 1.0 / n) * (sample - old)
 
     def record_acceptance(self, request: RequestState, k: int, n_accepted: int) -> None:
         """n_accepted of k proposed; a round that stops short also saw one rejection.
@@ -296,7 +332,9 @@ class Tuner:
             # 0 until a speculative round was timed, so speculation gets tried. Smoothed slowly: a pipelined
             # round's time swings with its bet, and a dip would make probes look cheap.
             spec_overhead=(self.extra_spec or 0.0) - alone,
+            ready_overhead=(self.extra_ready or 0.0) - alone,
             decode=None if decode is None else max(decode[0], 1e-9),
+            ahead_overhead=(self.extra_ahead or 0.0) - alone,
         )
 
     def predicted_tps(
@@ -308,20 +346,26 @@ class Tuner:
             return None
         alpha = self.alpha(request)
         if k is None:
-            return best_k(alpha, costs, mode, self.max_k)[1]
+            return best_plan(alpha, costs, mode, self.max_k)[2]
         return tokens_per_second(alpha, k, costs, mode)
 
     # -- decision -------------------------------------------------------------------------------
 
     def choose_k(self, request: RequestState, mode: Mode = "sequential", limit: int | None = None) -> int:
-        """Draft length for the request's next round; limit caps it (tokens left, draft context)."""
+        """Draft length for the request's next round; limit caps it (tokens left, draft context). Pipelined,
+        a 0 may come with request.ahead > 0: leave the target alone, but draft that many tokens ahead."""
         cap = self.max_k if limit is None else max(0, min(self.max_k, limit))
+        request.ahead = 0
         costs = self.costs()
         if costs is None:
             return min(self.initial_k, cap)
         alpha = self.alpha(request)
         tps = throughputs(alpha, costs, mode, cap)
         k = tps.index(max(tps))
+        if j := self._ahead(costs, alpha, tps, mode, cap):
+            self._speculating()
+            request.ahead = max(1, self._dither(request, j, cap))
+            return 0
         if k == 0:
             if cap == 0:
                 return 0
@@ -340,12 +384,26 @@ class Tuner:
                 return probe
             request.probe_in = self._rounds_to_probe(loss, earn)
             return 0
-        self.probe_credit, request.probe_in = 0.0, 0
-        self.alone_rounds, self.alone_limit = 0, MAX_ALONE_ROUNDS
+        self._speculating()
+        return self._dither(request, k, cap)
+
+    def _dither(self, request: RequestState, k: int, cap: int) -> int:
         if self.dither_every and request.rounds % self.dither_every == self.dither_every - 1:
             step = 1 if (request.rounds // self.dither_every) % 2 == 0 else -1
             k = min(max(k + step, 0), cap)
         return k
+
+    def _speculating(self) -> None:
+        self.probe_credit = 0.0
+        self.alone_rounds, self.alone_limit = 0, MAX_ALONE_ROUNDS
+
+    def _ahead(self, costs: Costs, alpha: float, tps: list[float], mode: Mode, cap: int) -> int:
+        """Pipelined: the length to draft ahead of target-only rounds, if that beats every k (else 0)."""
+        if mode != "pipelined" or cap == 0:
+            return 0
+        pre = predraft_throughputs(alpha, costs, cap)
+        j = pre.index(max(pre))
+        return j if j and pre[j] > max(tps) else 0
 
     def drafts_soon(self, request: RequestState, mode: Mode = "sequential", within: int = 4) -> bool:
         """Whether the request is expected to draft within `within` rounds, as choose_k would decide them. A
@@ -355,7 +413,7 @@ class Tuner:
             return costs is None
         alpha = self.alpha(request)
         tps = throughputs(alpha, costs, mode, self.max_k)
-        if tps.index(max(tps)) > 0:
+        if tps.index(max(tps)) > 0 or self._ahead(costs, alpha, tps, mode, self.max_k):
             return True
         _, loss, earn = self._probe(costs, alpha, tps, mode)
         return self._rounds_to_probe(loss, earn) <= within
@@ -379,6 +437,6 @@ class Tuner:
         costs = self.costs()
         if costs is not None:
             out.update(vars(costs))
-            k, tps = best_k(out["alpha"], costs, mode, self.max_k)
-            out.update(best_k=k, predicted_tps=tps)
+            k, ahead, tps = best_plan(out["alpha"], costs, mode, self.max_k)
+            out.update(best_k=k, ahead=ahead, predicted_tps=tps)
         return {key: (math.nan if v is None else float(v)) for key, v in out.items()}

@@ -35,10 +35,11 @@ class DraftService(NodeService):
                 if g is None:
                     tok = int(logits.argmax())
                 else:
-                    # q is exactly what the token is drawn from, so the target's rule stays lossless.
+                    # q is exactly what the token is drawn from, so the target's rule stays lossless. A guess
+                    # is not drawn: its most likely token is likelier to be the target's next one.
                     ids, probs = draft_distribution(logits, params.temperature, top_k)
                     ids_l, probs_l = ids.tolist(), probs.tolist()
-                    tok = ids_l[sample(probs, g)]
+                    tok = ids_l[0 if i == 0 and req.guess else sample(probs, g)]
                     dists.append((ids_l, probs_l))
                 tokens.append(tok)
                 if i < k - 1:

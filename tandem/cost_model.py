@@ -11,15 +11,25 @@ Sequential round:  T(k) = rtt_d + draft_overhead + k*draft_per_token + rtt_t + a
 
 Pipelined round: the draft drafts the next block while the target verifies this one, betting on full
 acceptance and guessing the bonus token with its own next token. The bet wins when all k drafts and
-the guess are accepted, probability alpha^(k+1); the next block is then ready and the round costs
-max(D, V). Otherwise the next block is drafted after the verdict and the round costs D + V, where
-D = rtt_d + draft_overhead + k*draft_per_token and V = rtt_t + a + b*k. So
-T_pipe(k) = w*max(D, V) + (1 - w)*(D + V) with w = alpha^(k+1), and T_pipe(0) = T(0).
+the guess are accepted, probability w = alpha^(k+1) (the guess taken as likely as a draft). A round whose
+block was drafted ahead costs V(k), plus, when all k drafts hold (probability alpha^k: only then is the
+call ahead waited for), whatever the call ahead (the guess and k more, D(k + 1)) takes beyond V(k). A round
+that drafts its block first costs D(k) more; D(k) = rtt_d + draft_overhead + k*draft_per_token and
+V(k) = rtt_t + a + b*k. So T_pipe(k) = V(k) + alpha^k*max(0, D(k + 1) - V(k)) + (1 - w)*D(k), and
+T_pipe(0) = T(0).
+
+A pipelined request may also leave the target alone and still draft ahead (`predraft_throughputs`): each
+target-only round has the draft guess the target's token and draft j past it, max(V(0), D(j + 1)): when
+the guess holds (probability alpha) the next round verifies that block at once, and so on while its bets
+win. Where drafting first costs more than the block is worth (a slow draft, a long link), this keeps the
+draft entirely off the critical path.
 
 Every round also pays round_overhead (the coordinator's own work: bookkeeping, streaming the tokens out),
-and a speculative round spec_overhead on top: what such rounds measurably cost beyond the terms above
-(the draft catching up after target-only rounds, a second call on a shared host). The tuner measures
-both from rounds' wall times; they are what keeps a marginal draft from costing throughput.
+and on top a speculative round spec_overhead, a pipelined one whose block was drafted ahead ready_overhead,
+and a target-only round that drafts ahead ahead_overhead: what such rounds measurably cost beyond the
+terms above (the draft catching up after target-only rounds, a second call on a shared host, the
+coordinator waiting on two calls in a row). The tuner measures them from rounds' wall times; they are
+what keeps a marginal draft from costing throughput.
 """
 
 from __future__ import annotations
@@ -32,9 +42,12 @@ __all__ = [
     "Costs",
     "Mode",
     "best_k",
+    "best_plan",
     "break_even_alpha",
     "draft_side",
     "expected_tokens",
+    "pipelined_round_time",
+    "predraft_throughputs",
     "round_time",
     "throughputs",
     "tokens_per_second",
@@ -55,7 +68,9 @@ class Costs:
     verify_slope: float  # b: extra target compute per draft token verified
     round_overhead: float = 0.0  # wall time of any round beyond its calls
     spec_overhead: float = 0.0  # extra wall time of a round with k > 0 beyond that (may be negative)
+    ready_overhead: float = 0.0  # the same for a pipelined round whose block was drafted ahead
     decode: float | None = None  # target compute of a plain decode step (k = 0); None: verify_intercept
+    ahead_overhead: float = 0.0  # extra wall time of a target-only round that drafts ahead, beyond round_overhead
 
 
 def _check_alpha(alpha: float) -> float:
@@ -100,15 +115,33 @@ def round_time(costs: Costs, k: int, mode: Mode = "sequential", alpha: float | N
         return v + costs.round_overhead
     if mode == "pipelined" and alpha is None:
         raise ValueError("pipelined round time needs the acceptance rate alpha")
-    w = 0.0 if mode == "sequential" else _check_alpha(alpha) ** (k + 1)
-    return _speculative_round(costs, d, v, w, mode)
+    a = 0.0 if mode == "sequential" else _check_alpha(alpha)
+    return _speculative_round(costs, d, v, a**k, a ** (k + 1), mode)
 
 
-def _speculative_round(costs: Costs, d: float, v: float, w: float, mode: Mode) -> float:
-    """A round with k > 0 from its draft side d, verify side v and (pipelined) the bet's odds w."""
-    t = d + v if mode == "sequential" else w * max(d, v) + (1.0 - w) * (d + v)
-    # A negative spec_overhead (rounds measured cheaper than the terms say) never beats the target call alone.
-    return max(t + costs.spec_overhead, v) + costs.round_overhead
+def _speculative_round(costs: Costs, d: float, v: float, held: float, w: float, mode: Mode) -> float:
+    """A round with k > 0 from its draft side d, verify side v and (pipelined) the odds that all k drafts
+    hold (the call ahead is waited for) and that the bet wins as well (the next block is ready: w)."""
+    # A negative overhead (rounds measured cheaper than the terms say) never beats the target call alone.
+    if mode == "sequential":
+        return max(d + v + costs.spec_overhead, v) + costs.round_overhead
+    t = v + held * max(0.0, d + costs.draft_per_token - v)
+    ready = max(t + costs.ready_overhead, v)
+    fresh = max(t + d + costs.spec_overhead, v)
+    return w * ready + (1.0 - w) * fresh + costs.round_overhead
+
+
+def pipelined_round_time(costs: Costs, k: int, ahead: int, ready: bool, held: float = 1.0) -> float:
+    """Wall time of one pipelined round as it ran: k drafts verified (drafted this round unless `ready`)
+    while the draft drafts `ahead` tokens past its guess (0: no call ahead), a call waited for when all k
+    drafts hold: `held`, 1 or 0 for a round that ran, their probability for an expectation."""
+    v = verify_side(costs, k)
+    t = v + held * max(0.0, draft_side(costs, _check_k(ahead) + 1) - v) if ahead else v
+    if k == 0:
+        return t + costs.round_overhead + (costs.ahead_overhead if ahead else 0.0)
+    if ready:
+        return max(t + costs.ready_overhead, v) + costs.round_overhead
+    return max(t + draft_side(costs, k) + costs.spec_overhead, v) + costs.round_overhead
 
 
 def tokens_per_second(alpha: float, k: int, costs: Costs, mode: Mode = "sequential") -> float:
@@ -129,8 +162,43 @@ def throughputs(alpha: float, costs: Costs, mode: Mode = "sequential", max_k: in
         power *= alpha
         e += power
         d, v = d0 + k * costs.draft_per_token, v0 + k * costs.verify_slope
-        out.append(e / _speculative_round(costs, d, v, power * alpha, mode))
+        out.append(e / _speculative_round(costs, d, v, power, power * alpha, mode))
     return out
+
+
+def predraft_throughputs(alpha: float, costs: Costs, max_k: int = 16) -> list[float]:
+    """Pipelined tokens/s of leaving the target alone while the draft drafts j tokens ahead, j = 0..max_k
+    (j = 0: the target alone, no draft call).
+
+    Rounds alternate between two states: no block ready (a target-only round, max(V(0), D(j + 1)), ready
+    next with probability alpha: the guess) and a block ready (verify j at once, max(V(j), D(j + 1)), ready
+    again with probability alpha^(j+1)). The chain's stationary share of ready rounds weighs them.
+    """
+    alpha, max_k = _check_alpha(alpha), _check_k(max_k)
+    v0 = verify_side(costs, 0)
+    out = [1.0 / (v0 + costs.round_overhead)]
+    e, power = 1.0, 1.0  # E(j) and alpha^j
+    for j in range(1, max_k + 1):
+        power *= alpha
+        e += power
+        w = power * alpha
+        p = alpha / (1.0 - w + alpha) if alpha > 0 else 0.0  # share of rounds with a block ready
+        t_alone = pipelined_round_time(costs, 0, j, ready=False)
+        t_ready = pipelined_round_time(costs, j, j, ready=True, held=power)
+        out.append(((1.0 - p) + p * e) / ((1.0 - p) * t_alone + p * t_ready))
+    return out
+
+
+def best_plan(alpha: float, costs: Costs, mode: Mode = "sequential", max_k: int = 16) -> tuple[int, int, float]:
+    """(k, ahead, predicted tokens/s): the best draft length, or (pipelined) 0 with a length to draft ahead
+    while the target runs alone; ties go to the target alone and to shorter drafts."""
+    k, tps = best_k(alpha, costs, mode, max_k)
+    if mode == "pipelined" and max_k > 0:
+        pre = predraft_throughputs(alpha, costs, max_k)
+        j = pre.index(max(pre))
+        if j and pre[j] > tps:
+            return 0, j, pre[j]
+    return k, 0, tps
 
 
 def best_k(alpha: float, costs: Costs, mode: Mode = "sequential", max_k: int = 16) -> tuple[int, float]:

@@ -8,11 +8,16 @@ import pytest
 from tandem.cost_model import (
     Costs,
     best_k,
+    best_plan,
     break_even_alpha,
+    draft_side,
     expected_tokens,
+    pipelined_round_time,
+    predraft_throughputs,
     round_time,
     throughputs,
     tokens_per_second,
+    verify_side,
 )
 
 COSTS = Costs(
@@ -93,3 +98,40 @@ def test_break_even_matches_design_rule_for_one_token() -> None:
     hopeless = Costs(1.0, 0.0, 0.1, 0.0, 0.020, 0.0)
     assert break_even_alpha(hopeless, 2) == math.inf
     assert break_even_alpha(COSTS, 0) == 0.0
+
+
+def test_a_pipelined_round_by_what_it_did() -> None:
+    v1, v0 = verify_side(COSTS, 1), verify_side(COSTS, 0)
+    slow = Costs(0.030, 0.0, 0.001, 0.0005, 0.020, 0.001)  # a call ahead outlasts the verify
+    assert pipelined_round_time(COSTS, 0, 0, False) == pytest.approx(v0)
+    assert pipelined_round_time(COSTS, 0, 2, False) == pytest.approx(v0)  # the call ahead fits in the verify
+    assert pipelined_round_time(slow, 0, 2, False) == pytest.approx(draft_side(slow, 3))  # ... or is waited for
+    assert pipelined_round_time(slow, 1, 2, True, held=0.0) == pytest.approx(verify_side(slow, 1))  # not waited
+    assert pipelined_round_time(COSTS, 1, 1, True) == pytest.approx(v1)
+    assert pipelined_round_time(COSTS, 1, 1, False) == pytest.approx(draft_side(COSTS, 1) + v1)
+    # The expectation over the bet: ready with probability alpha^(k+1), the call ahead waited for at alpha^k.
+    a, k = 0.6, 3
+    expected = a ** (k + 1) * pipelined_round_time(slow, k, k, True, a**k) + (
+        1 - a ** (k + 1)
+    ) * pipelined_round_time(slow, k, k, False, a**k)
+    assert round_time(slow, k, "pipelined", a) == pytest.approx(expected)
+
+
+def test_drafting_ahead_of_the_target_alone() -> None:
+    """A draft too slow to draft first (its call costs most of a decode step) still pays drafting ahead."""
+    costs = Costs(0.001, 0.0, 0.005, 0.0005, 0.020, 0.003, decode=0.020)
+    alpha = 0.4
+    pre = predraft_throughputs(alpha, costs, 8)
+    assert pre[0] == pytest.approx(1 / 0.020)
+    assert max(throughputs(alpha, costs, "pipelined", 8)) == pytest.approx(1 / 0.020)  # no k pays
+    # j = 1 by hand: target-only rounds make a block ready with probability alpha (the guess), blocks stay
+    # ready with alpha^2; the chain spends alpha / (1 - alpha^2 + alpha) of its rounds verifying one.
+    p = alpha / (1 - alpha**2 + alpha)
+    t_ready = verify_side(costs, 1)
+    assert pre[1] == pytest.approx(((1 - p) + p * (1 + alpha)) / ((1 - p) * 0.020 + p * t_ready))
+    assert pre[1] > 1.05 / 0.020
+    assert best_plan(alpha, costs, "pipelined", 8) == (0, 1, pytest.approx(pre[1]))
+    assert best_plan(alpha, costs, "sequential", 8)[:2] == (0, 0)
+    # Paid for by the target (both nodes on one GPU): no longer worth it.
+    shared = Costs(0.001, 0.0, 0.005, 0.0005, 0.020, 0.003, decode=0.020, ahead_overhead=0.004, ready_overhead=0.004)
+    assert best_plan(alpha, shared, "pipelined", 8)[:2] == (0, 0)

@@ -101,6 +101,7 @@ class NodeClient:
         k: int,
         sampling: SamplingParams | pb.Sampling | None = None,
         draft_top_k: int = 0,
+        guess: bool = False,
     ) -> pb.ProposeReply:
         req = pb.Request()
         m = req.propose
@@ -109,6 +110,7 @@ class NodeClient:
         m.commit.tokens.extend(tokens)
         m.k = k
         m.draft_top_k = draft_top_k
+        m.guess = guess
         s = sampling_proto(sampling)
         if s is not None:
             m.sampling.CopyFrom(s)

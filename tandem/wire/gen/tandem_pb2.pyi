@@ -168,18 +168,20 @@ class PrefillReply(_message.Message):
     def __init__(self, cache_len: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
-    __slots__ = ("session", "commit", "k", "sampling", "draft_top_k")
+    __slots__ = ("session", "commit", "k", "sampling", "draft_top_k", "guess")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    GUESS_FIELD_NUMBER: _ClassVar[int]
     session: str
     commit: Commit
     k: int
     sampling: Sampling
     draft_top_k: int
-    def __init__(self, session: _Optional[str] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ..., k: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., draft_top_k: _Optional[int] = ...) -> None: ...
+    guess: bool
+    def __init__(self, session: _Optional[str] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ..., k: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., draft_top_k: _Optional[int] = ..., guess: _Optional[bool] = ...) -> None: ...
 
 class ProposeReply(_message.Message):
     __slots__ = ("tokens", "dists", "cache_len", "timing")
