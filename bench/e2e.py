@@ -139,8 +139,9 @@ def table(rows: list[Row]) -> str:
         pred = f"{r.predicted:.1f}" if r.predicted else "-"
         rel = r.tps / base[r.temperature] if base.get(r.temperature) else float("nan")
         hits = f"{r.hits}/{r.bets}" if r.bets else "-"
+        per_round = f"{r.tokens / max(r.rounds, 1):>8.2f} {r.k_sum / max(r.rounds, 1):>7.2f}"
         out.append(f"{r.temperature:>4.1f} {r.mode:<12} {r.k:>4} {r.tps:>8.2f} {rel:>8.2f} {acc:>7} "
-                   f"{r.tokens / max(r.rounds, 1):>8.2f} {r.k_sum / max(r.rounds, 1):>7.2f} {hits:>9} {pred:>10}")  # fmt: skip
+                   f"{per_round} {hits:>9} {pred:>10}")  # fmt: skip
     return "\n".join(out)
 
 

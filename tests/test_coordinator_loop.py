@@ -37,6 +37,7 @@ from coordinator.loop import (
     StopText,
     TargetError,
 )
+from coordinator.tuner import RequestState
 from draft_node.service import DraftService
 from tandem.engine.runtime import Engine, load_engine
 from tandem.sampling import SamplingParams, target_probs
@@ -85,6 +86,17 @@ async def coordinator(target: str, draft: str | None, models: Models, **settings
         await coord.aclose()
 
 
+def draft_ahead_always(c: Coordinator, j: int) -> None:
+    """Every auto round leaves the target alone or verifies a block drafted ahead, the draft drafting j
+    ahead each time: the pipelined choice the tuner makes where drafting first does not pay."""
+
+    def choose_k(request: RequestState, mode: str = "sequential", limit: int | None = None) -> int:
+        request.ahead = j if limit is None else min(j, limit)
+        return 0
+
+    c.tuner.choose_k = choose_k  # type: ignore[method-assign]
+
+
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(2, TINY_VOCAB) for _ in range(rng.randrange(1, 12))] for _ in range(n)]
@@ -131,6 +143,34 @@ class SlowTarget(TargetService):
     def apply(self, *args: object, **kwargs: object) -> torch.Tensor:
         time.sleep(0.015)
         return super().apply(*args, **kwargs)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "zmq"])
+def test_drafting_ahead_of_the_target_alone_keeps_greedy_output(
+    models: Models, nodes: dict[str, NodeThread], transport: str
+) -> None:
+    async def go() -> None:
+        for draft in ("early", "self", "other"):
+            async with coordinator(
+                nodes[f"target-{transport}"].url, nodes[f"{draft}-{transport}"].url, models, mode="pipelined"
+            ) as c:
+                draft_ahead_always(c, 2)
+                reqs = [Request(p, max_tokens=10 + 7 * (i % 3)) for i, p in enumerate(prompts(8, seed=4))]
+                base = await asyncio.gather(*(c.run(Request(r.prompt, r.max_tokens, k=0)) for r in reqs))
+                runs = await asyncio.gather(*(c.run(r) for r in reqs))
+                total = Stats()
+                for r, b, res in zip(reqs, base, runs, strict=True):
+                    assert res.tokens == b.tokens and res.text == b.text, (draft, r.prompt)
+                    assert res.stats.pipeline_bets > 0
+                    total.drafted += res.stats.drafted
+                    total.accepted += res.stats.accepted
+                    total.pipeline_hits += res.stats.pipeline_hits
+                if draft == "self":  # every guess holds: after the first round, every block was drafted ahead
+                    assert total.accepted == total.drafted > 0 and total.pipeline_hits > 0
+                elif draft == "early":
+                    assert total.pipeline_hits > 0 and 0 < total.accepted < total.drafted
+
+    asyncio.run(go())
 
 
 def test_auto_k_drafts_where_it_pays_and_not_where_it_cannot(models: Models, nodes: dict[str, NodeThread]) -> None:
@@ -192,6 +232,7 @@ SAMPLING = {
     "t0.7-topk10-sequential-k3": (SamplingParams(temperature=0.7, top_k=10), "sequential", 3),
     "t1.3-topp0.8-minp0.02-pipelined-k2": (SamplingParams(temperature=1.3, top_p=0.8, min_p=0.02), "pipelined", 2),
     "narrow-t1.0-sequential-k3": (SamplingParams(temperature=1.0), "sequential", 3),  # a draft with a cut head
+    "t1.0-pipelined-ahead2": (SamplingParams(temperature=1.0), "pipelined", None),  # draft_ahead_always(c, 2)
 }
 GENERATIONS = 150
 LENGTH = 8
@@ -209,6 +250,8 @@ def test_sampled_output_keeps_the_target_distribution(models: Models, nodes: dic
     async def go() -> list[Result]:
         draft = "narrow" if name.startswith("narrow") else "early"
         async with coordinator(nodes["target-grpc"].url, nodes[f"{draft}-grpc"].url, models) as c:
+            if k is None:
+                draft_ahead_always(c, 2)
             sem = asyncio.Semaphore(8)
 
             async def one(i: int) -> Result:
@@ -222,6 +265,8 @@ def test_sampled_output_keeps_the_target_distribution(models: Models, nodes: dic
     drafted = sum(r.stats.drafted for r in results)
     accepted = sum(r.stats.accepted for r in results)
     assert drafted > 0 and 0 < accepted < drafted  # both acceptance and residual sampling were exercised
+    if k is None:  # blocks drafted ahead of target-only rounds were used
+        assert sum(r.stats.pipeline_hits for r in results) > 0
     rng = np.random.default_rng(len(name))
     us, firsts = [], []
     for r in results:
