@@ -111,9 +111,9 @@ def test_a_pipelined_round_by_what_it_did() -> None:
     assert pipelined_round_time(COSTS, 1, 1, False) == pytest.approx(draft_side(COSTS, 1) + v1)
     # The expectation over the bet: ready with probability alpha^(k+1), the call ahead waited for at alpha^k.
     a, k = 0.6, 3
-    expected = a ** (k + 1) * pipelined_round_time(slow, k, k, True, a**k) + (
-        1 - a ** (k + 1)
-    ) * pipelined_round_time(slow, k, k, False, a**k)
+    w, held = a ** (k + 1), a**k
+    ready, fresh = (pipelined_round_time(slow, k, k, r, held) for r in (True, False))
+    expected = w * ready + (1 - w) * fresh
     assert round_time(slow, k, "pipelined", a) == pytest.approx(expected)
 
 
