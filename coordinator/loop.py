@@ -787,15 +787,19 @@ class Coordinator:
                     vtask.add_done_callback(_consume)
                     ahead: asyncio.Task[Any] | None = None
                     k2 = 0  # pipelined: tokens the draft drafts past its guess of the target's next one
+                    lag = len(ctx) - 1 - d_held  # tokens the draft lacks beyond the one a call always sends
                     if mode == "pipelined" and use_draft and draft is not None and draft.up and dprefill is None:
                         cap2 = min(
                             remaining - k - 2, room_t - k - 1, s.max_k, draft_max_k() - 1, draft_ctx() - len(ctx) - k
                         )
                         if cap2 > 0 and policy is not None:
                             k2 = min(policy, cap2) if k > 0 else 0
-                        elif cap2 > 0:
-                            # A 0 from the tuner may come with a length to draft ahead of a target-only round.
-                            k2 = (tuner.choose_k(state, mode, cap2) if k > 0 else 0) or min(state.ahead, cap2)
+                        elif cap2 > 0 and k > 0:
+                            k2 = tuner.choose_k(state, mode, cap2) or min(state.ahead, cap2)
+                        elif cap2 > 0 and lag <= 1:
+                            # The tuner's 0 may come with a length to draft ahead of this target-only round. A
+                            # draft further behind catches up first, beside the target (below), not on its path.
+                            k2 = min(state.ahead, cap2)
                         if k2 > 0:
                             base = len(ctx) + k - 1 if k > 0 else d_held
                             call = self._propose(stats, sid, [*ctx, *block], base, k2 + 1, sp, guess=True)
@@ -808,9 +812,12 @@ class Coordinator:
                             stats.predicted_time += pipelined_round_time(costs, k, k2, ready, alpha**k)
                         else:
                             stats.predicted_time += round_time(costs, k, mode, alpha)
-                    # The tuner drafting (or not asked): every CATCH_UP tokens; it waiting to probe: just before.
-                    lag = len(ctx) - 1 - d_held
-                    due = lag >= CATCH_UP if state.probe_in == 0 else state.probe_in <= PROBE_LEAD and lag >= PROBE_LEAD
+                    # The tuner drafting (or not asked): every CATCH_UP tokens, or at once where it wants to draft
+                    # ahead; it waiting to probe: just before.
+                    if state.probe_in == 0:
+                        due = lag >= CATCH_UP or (state.ahead > 0 and lag > 1)
+                    else:
+                        due = state.probe_in <= PROBE_LEAD and lag >= PROBE_LEAD
                     if (
                         k == 0
                         and ahead is None

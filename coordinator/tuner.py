@@ -363,7 +363,7 @@ class Tuner:
         tps = throughputs(alpha, costs, mode, cap)
         k = tps.index(max(tps))
         if j := self._ahead(costs, alpha, tps, mode, cap):
-            self._speculating()
+            self._speculating(request)
             request.ahead = max(1, self._dither(request, j, cap))
             return 0
         if k == 0:
@@ -384,7 +384,7 @@ class Tuner:
                 return probe
             request.probe_in = self._rounds_to_probe(loss, earn)
             return 0
-        self._speculating()
+        self._speculating(request)
         return self._dither(request, k, cap)
 
     def _dither(self, request: RequestState, k: int, cap: int) -> int:
@@ -393,8 +393,8 @@ class Tuner:
             k = min(max(k + step, 0), cap)
         return k
 
-    def _speculating(self) -> None:
-        self.probe_credit = 0.0
+    def _speculating(self, request: RequestState) -> None:
+        self.probe_credit, request.probe_in = 0.0, 0
         self.alone_rounds, self.alone_limit = 0, MAX_ALONE_ROUNDS
 
     def _ahead(self, costs: Costs, alpha: float, tps: list[float], mode: Mode, cap: int) -> int:
