@@ -175,16 +175,19 @@ def predraft_throughputs(alpha: float, costs: Costs, max_k: int = 16) -> list[fl
     again with probability alpha^(j+1)). The chain's stationary share of ready rounds weighs them.
     """
     alpha, max_k = _check_alpha(alpha), _check_k(max_k)
-    v0 = verify_side(costs, 0)
-    out = [1.0 / (v0 + costs.round_overhead)]
+    c = costs
+    v0, over = verify_side(c, 0), c.round_overhead
+    out = [1.0 / (v0 + over)]
+    # pipelined_round_time's terms, inlined: the tuner asks every round, as for throughputs.
+    vi, d1 = c.rtt_target + c.verify_intercept, c.rtt_draft + c.draft_overhead + c.draft_per_token
     e, power = 1.0, 1.0  # E(j) and alpha^j
     for j in range(1, max_k + 1):
         power *= alpha
         e += power
-        w = power * alpha
-        p = alpha / (1.0 - w + alpha) if alpha > 0 else 0.0  # share of rounds with a block ready
-        t_alone = pipelined_round_time(costs, 0, j, ready=False)
-        t_ready = pipelined_round_time(costs, j, j, ready=True, held=power)
+        p = alpha / (1.0 - power * alpha + alpha) if alpha > 0 else 0.0  # share of rounds with a block ready
+        d, v = d1 + j * c.draft_per_token, vi + j * c.verify_slope  # D(j + 1), V(j)
+        t_alone = max(v0, d) + over + c.ahead_overhead
+        t_ready = max(v + power * max(0.0, d - v) + c.ready_overhead, v) + over
         out.append(((1.0 - p) + p * e) / ((1.0 - p) * t_alone + p * t_ready))
     return out
 

@@ -135,3 +135,20 @@ def test_drafting_ahead_of_the_target_alone() -> None:
     # Paid for by the target (both nodes on one GPU): no longer worth it.
     shared = Costs(0.001, 0.0, 0.005, 0.0005, 0.020, 0.003, decode=0.020, ahead_overhead=0.004, ready_overhead=0.004)
     assert best_plan(alpha, shared, "pipelined", 8)[:2] == (0, 0)
+
+
+def test_predraft_throughputs_follow_the_round_times() -> None:
+    """The inlined form against the chain built from pipelined_round_time."""
+    rng = random.Random(1)
+    for _ in range(500):
+        overheads = (rng.uniform(-0.002, 0.002) for _ in range(3))
+        decode = rng.choice([None, rng.uniform(0, 0.01)])
+        costs = Costs(*(rng.uniform(0, 0.01) for _ in range(6)), *overheads, decode, rng.uniform(-0.002, 0.002))
+        alpha = rng.choice([0.0, 1.0, rng.random()])
+        want = [1 / pipelined_round_time(costs, 0, 0, False)]
+        for j in range(1, 9):
+            p = alpha / (1 - alpha ** (j + 1) + alpha) if alpha else 0.0
+            t_alone = pipelined_round_time(costs, 0, j, False)
+            t_ready = pipelined_round_time(costs, j, j, True, alpha**j)
+            want.append(((1 - p) + p * expected_tokens(alpha, j)) / ((1 - p) * t_alone + p * t_ready))
+        assert predraft_throughputs(alpha, costs, 8) == pytest.approx(want, rel=1e-12)
