@@ -45,7 +45,7 @@ import uvloop  # noqa: E402
 
 from coordinator.cli import DEMO_DRAFT, demo_target  # noqa: E402
 from coordinator.loop import Coordinator, Request, Settings, Stats  # noqa: E402
-from tandem.cost_model import Mode, best_k, break_even_alpha, tokens_per_second  # noqa: E402
+from tandem.cost_model import Mode, best_plan, break_even_alpha, tokens_per_second  # noqa: E402
 from tandem.engine.gguf_file import read_gguf  # noqa: E402
 from tandem.engine.tokenizer import Tokenizer  # noqa: E402
 from tandem.sampling import SamplingParams  # noqa: E402
@@ -320,7 +320,7 @@ def model_note(link: str, coord: Coordinator, rows: list[Row]) -> str:
     base = tokens_per_second(0.0, 0, costs)
 
     def gain(alpha: float, mode: Mode) -> float:
-        return best_k(alpha, costs, mode, tuner.max_k)[1] / base
+        return best_plan(alpha, costs, mode, tuner.max_k)[2] / base
 
     def needed(goal: float, mode: Mode) -> str:
         if gain(1.0, mode) < goal:

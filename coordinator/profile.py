@@ -32,7 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.cli import demo_target
-from tandem.cost_model import MODES, Costs, best_k, break_even_alpha, expected_tokens, tokens_per_second
+from tandem.cost_model import (
+    MODES,
+    Costs,
+    best_k,
+    break_even_alpha,
+    expected_tokens,
+    predraft_throughputs,
+    tokens_per_second,
+)
 
 PING_SIZES = (64, 256, 1024, 4096, 16384, 65536)
 
@@ -321,8 +329,10 @@ async def measure_acceptance(
 
 
 def predict(costs: Costs, alpha: float, max_k: int) -> dict[str, Any]:
-    """The table for one acceptance rate, the best (k, mode) in it, and the break-even acceptance."""
+    """The table for one acceptance rate, the best (k, mode) in it, and the break-even acceptance. Each row
+    also holds the pipelined alternative of drafting k ahead of target-only rounds (`ahead_*`)."""
     base = tokens_per_second(alpha, 0, costs)
+    ahead = predraft_throughputs(alpha, costs, max_k)
     table = []
     for k in range(max_k + 1):
         row: dict[str, Any] = {"k": k, "expected_tokens": round(expected_tokens(alpha, k), 4)}
@@ -330,11 +340,17 @@ def predict(costs: Costs, alpha: float, max_k: int) -> dict[str, Any]:
             tps = tokens_per_second(alpha, k, costs, mode)
             row[f"{mode}_tps"] = round(tps, 3)
             row[f"{mode}_speedup"] = round(tps / base, 4)
+        row["ahead_tps"], row["ahead_speedup"] = round(ahead[k], 3), round(ahead[k] / base, 4)
         table.append(row)
     best = max(((best_k(alpha, costs, m, max_k), m) for m in MODES), key=lambda x: (x[0][1], x[1] == "sequential"))
     (k, tps), mode = best
-    if k == 0:
-        mode = "sequential"  # the target alone has no pipeline
+    j = ahead.index(max(ahead))
+    if j and ahead[j] > tps:
+        k, tps, mode = 0, ahead[j], "pipelined"
+    else:
+        j = 0
+        if k == 0:
+            mode = "sequential"  # the target alone has no pipeline
     # The lowest acceptance at which some k > 0 beats the target alone, in either mode.
     be = min(
         ((break_even_alpha(costs, j, m), j, m) for m in MODES for j in range(1, max_k + 1)),
@@ -345,7 +361,7 @@ def predict(costs: Costs, alpha: float, max_k: int) -> dict[str, Any]:
         "alpha": alpha,
         "table": table,
         "target_only_tps": round(base, 3),
-        "recommended": {"k": k, "mode": mode, "tps": round(tps, 3), "speedup": round(tps / base, 4)},
+        "recommended": {"k": k, "mode": mode, "ahead": j, "tps": round(tps, 3), "speedup": round(tps / base, 4)},
         "break_even": {"alpha": None if math.isinf(be[0]) else round(be[0], 4), "k": be[1], "mode": be[2]},
     }
 
@@ -592,7 +608,13 @@ def report_text(r: dict[str, Any]) -> str:
     for p in preds:
         rec = p["recommended"]
         label = temp_label(p["temperature"])
-        if rec["k"] == 0:
+        if rec["k"] == 0 and rec["ahead"]:
+            out.append(
+                f"recommended {label}: --k auto --mode pipelined, the target alone with the draft drafting "
+                f"{rec['ahead']} ahead: {rec['tps']:.1f} tok/s, {rec['speedup']:.2f}× the target alone "
+                f"({p['target_only_tps']:.1f} tok/s)"
+            )
+        elif rec["k"] == 0:
             out.append(f"recommended {label}: k = 0 (the target alone, {rec['tps']:.1f} tok/s)")
         else:
             out.append(

@@ -126,16 +126,18 @@ def test_recommendation_matches_the_table(report: dict) -> None:
     for pred in report["predictions"]:
         rows = pred["table"]
         assert [r["k"] for r in rows] == list(range(MAX_K + 1))
-        best = max(r[f"{m}_tps"] for r in rows for m in ("sequential", "pipelined"))
+        best = max(r[f"{m}_tps"] for r in rows for m in ("sequential", "pipelined", "ahead"))
         rec = pred["recommended"]
-        assert rows[rec["k"]][f"{rec['mode']}_tps"] == pytest.approx(best)
+        got = rows[rec["ahead"]]["ahead_tps"] if rec["ahead"] else rows[rec["k"]][f"{rec['mode']}_tps"]
+        assert got == pytest.approx(best)
         assert rec["speedup"] == pytest.approx(rec["tps"] / pred["target_only_tps"], rel=1e-3)
         assert rows[0]["sequential_speedup"] == 1.0
         be = pred["break_even"]["alpha"]
         if rec["k"] > 0:
             assert be is not None and be < pred["alpha"]  # it speculates only where acceptance beats break-even
-    # On loopback a cheap, mostly right draft pays.
-    assert report["recommended"]["k"] > 0 and report["recommended"]["speedup"] > 1.0
+    # On loopback a cheap, mostly right draft pays (drafting first, or ahead of target-only rounds).
+    rec = report["recommended"]
+    assert (rec["k"] > 0 or rec["ahead"] > 0) and rec["speedup"] > 1.0
     assert "speculation pays while acceptance >" in report["break_even"]["text"]
 
 
@@ -168,7 +170,15 @@ def test_predict_without_a_paying_draft() -> None:
                   verify_intercept=0.02, verify_slope=0.001)  # fmt: skip
     pred = predict(costs, 1.0, 8)
     assert pred["recommended"]["k"] == 0 and pred["recommended"]["mode"] == "sequential"
-    assert pred["break_even"]["alpha"] is None
+    assert pred["recommended"]["ahead"] == 0 and pred["break_even"]["alpha"] is None
+
+
+def test_predict_drafting_ahead_where_only_that_pays() -> None:
+    costs = Costs(0.001, 0.0, 0.005, 0.0005, 0.020, 0.003, decode=0.020)
+    pred = predict(costs, 0.4, 8)
+    rec = pred["recommended"]
+    assert (rec["k"], rec["mode"], rec["ahead"]) == (0, "pipelined", 1) and rec["speedup"] > 1.05
+    assert pred["table"][1]["ahead_tps"] == pytest.approx(rec["tps"], rel=1e-3)
 
 
 def test_summarize() -> None:
