@@ -150,19 +150,30 @@ def tokens_per_second(alpha: float, k: int, costs: Costs, mode: Mode = "sequenti
 
 def throughputs(alpha: float, costs: Costs, mode: Mode = "sequential", max_k: int = 16) -> list[float]:
     """tokens_per_second for k = 0..max_k in one pass: the tuner asks every round, and a round on a GPU is
-    a couple of milliseconds (the per-k calls took ~55 us). E(k) is summed as k grows: at most 17 terms
-    below 1, so the running sum is as good as expected_tokens' fsum here."""
+    a couple of milliseconds (the per-k calls took ~55 us, this loop 3-5 us). E(k) is summed as k grows: at
+    most 17 terms below 1, so the running sum is as good as expected_tokens' fsum here."""
     alpha, max_k = _check_alpha(alpha), _check_k(max_k)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    v0, d0 = costs.rtt_target + costs.verify_intercept, costs.rtt_draft + costs.draft_overhead
-    out = [1.0 / (verify_side(costs, 0) + costs.round_overhead)]
+    c = costs
+    v0, d0 = c.rtt_target + c.verify_intercept, c.rtt_draft + c.draft_overhead
+    dpt, slope, over = c.draft_per_token, c.verify_slope, c.round_overhead
+    spec, ready = c.spec_overhead, c.ready_overhead
+    out = [1.0 / (verify_side(c, 0) + over)]
     e, power = 1.0, 1.0  # E(k) and alpha^k
+    # _speculative_round inlined, with conditionals for max(): half the time of the calls.
     for k in range(1, max_k + 1):
         power *= alpha
         e += power
-        d, v = d0 + k * costs.draft_per_token, v0 + k * costs.verify_slope
-        out.append(e / _speculative_round(costs, d, v, power, power * alpha, mode))
+        d, v = d0 + k * dpt, v0 + k * slope
+        if mode == "sequential":
+            t = d + v + spec
+            t = (t if t > v else v) + over
+        else:
+            base = v + power * (d + dpt - v) if d + dpt > v else v
+            r, f, w = base + ready, base + d + spec, power * alpha
+            t = w * (r if r > v else v) + (1.0 - w) * (f if f > v else v) + over
+        out.append(e / t)
     return out
 
 
@@ -178,16 +189,18 @@ def predraft_throughputs(alpha: float, costs: Costs, max_k: int = 16) -> list[fl
     c = costs
     v0, over = verify_side(c, 0), c.round_overhead
     out = [1.0 / (v0 + over)]
-    # pipelined_round_time's terms, inlined: the tuner asks every round, as for throughputs.
+    # pipelined_round_time's terms, inlined (conditionals for max()): the tuner asks every round.
     vi, d1 = c.rtt_target + c.verify_intercept, c.rtt_draft + c.draft_overhead + c.draft_per_token
+    dpt, slope, ready, alone = c.draft_per_token, c.verify_slope, c.ready_overhead, over + c.ahead_overhead
     e, power = 1.0, 1.0  # E(j) and alpha^j
     for j in range(1, max_k + 1):
         power *= alpha
         e += power
         p = alpha / (1.0 - power * alpha + alpha) if alpha > 0 else 0.0  # share of rounds with a block ready
-        d, v = d1 + j * c.draft_per_token, vi + j * c.verify_slope  # D(j + 1), V(j)
-        t_alone = max(v0, d) + over + c.ahead_overhead
-        t_ready = max(v + power * max(0.0, d - v) + c.ready_overhead, v) + over
+        d, v = d1 + j * dpt, vi + j * slope  # D(j + 1), V(j)
+        t_alone = (d if d > v0 else v0) + alone
+        r = (v + power * (d - v) if d > v else v) + ready
+        t_ready = (r if r > v else v) + over
         out.append(((1.0 - p) + p * e) / ((1.0 - p) * t_alone + p * t_ready))
     return out
 
