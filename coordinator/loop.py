@@ -12,7 +12,9 @@ Pipelined mode: while the target verifies block i (drafts d1..dk), the draft dra
 context + d1..dk, its first proposed token being its guess g for the target's next token. If the target
 accepts all k and its next token is g, block i+1 was drafted from the true context and goes to the target
 at once; otherwise it is dropped. Either way the next verify sees a draft made from the committed
-context with its exact distribution q, so the acceptance rule stays exact.
+context with its exact distribution q, so the acceptance rule stays exact. g is the draft's most likely
+token (only the tokens after it are sampled from q), and where the tuner leaves the target alone it may
+still have the draft guess and draft past the target's token the same way (k = 0, RequestState.ahead).
 
 The draft is optional at every round: unreachable, erroring or too slow, it is marked down, a background
 task reconnects to it (a fresh client every RECONNECT_INTERVAL, checking its vocabulary again), and

@@ -7,8 +7,9 @@ as EWMAs of reply wall time minus node-reported compute; acceptance as Beta coun
 per kind of decoding (greedy and sampled requests accept at different rates: a sampled one checks its
 draft against a distribution, not an argmax), shrunk toward the pooled estimate, plus each request's
 own counts; and what rounds cost beyond all that, as EWMAs
-of each round's wall time minus the model's, apart for target-only and speculative rounds (the model's
-blind spots: the draft catching up after target-only stretches, the coordinator's own work).
+of each round's wall time minus the model's, apart for target-only rounds, speculative ones and, pipelined,
+rounds whose block was drafted ahead and target-only rounds with a call ahead (the model's blind spots:
+the draft catching up after target-only stretches, the coordinator's own work, two nodes on one GPU).
 choose_k maximises predicted tokens/s; in pipelined mode, leaving the target alone while the draft drafts
 ahead of it (cost_model.predraft_throughputs) is one more choice, handed to the loop as RequestState.ahead.
 
