@@ -125,7 +125,6 @@ class Tuner:
         prior_strength: float = 8.0,
         request_prior_strength: float = 32.0,
         fit_decay: float = 0.99,
-        verify_decay: float = 0.98,
         rtt_smoothing: float = 0.1,
         overhead_smoothing: float = 0.01,
         global_decay: float = 0.999,
@@ -145,10 +144,6 @@ class Tuner:
         self.rtt_smoothing, self.overhead_smoothing = rtt_smoothing, overhead_smoothing
         self.global_decay, self.request_decay = global_decay, request_decay
         self.dither_every, self.probe_budget = dither_every, probe_budget
-        # The verify line forgets faster (about 50 rounds): a target whose step drifts while the chosen k moves
-        # with it (a CPU target on a busy host) has the drift read as the slope, the more so the longer the
-        # memory (tests/test_tuner.py: a +-30% drift over 600 rounds fitted slopes from 0 to 3.5x the true one
-        # with 0.99). Faster still (0.97) made the fit too noisy where k barely varies.
         # Drafting time is mostly per token: pull the overhead toward 0 until k varies.
         # A draft call is k decode steps: hold its fixed cost near zero firmly, or rounds that all use one k
         # let the fit trade per-token cost for per-call cost and the chosen k drifts to an extreme.
@@ -156,7 +151,7 @@ class Tuner:
         # Verify time of k >= 1 drafts: assume flat in k until k varies (optimistic, so speculation gets tried),
         # and no dearer than a decode step until a block was verified. A decode step apart: it can take
         # another path than a verify block (cost_model), so it is no point of the verify line.
-        self.verify_fit = LinearFit(verify_decay, prior_b=0.0)
+        self.verify_fit = LinearFit(fit_decay, prior_b=0.0)
         self.decode_fit = LinearFit(fit_decay)
         self.rtt_draft: float | None = None
         self.rtt_target: float | None = None
