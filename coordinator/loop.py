@@ -39,7 +39,7 @@ from typing import Any, Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from coordinator.tuner import RequestState, Tuner
-from tandem.cost_model import expected_tokens, pipelined_round_time, round_time
+from tandem.cost_model import expected_tokens, round_as_run
 from tandem.engine.tokenizer import StreamDecoder, Tokenizer
 from tandem.sampling import SamplingParams
 from tandem.wire.client import NodeClient, connect
@@ -810,10 +810,7 @@ class Coordinator:
                             ahead.add_done_callback(_consume)
                     if (costs := tuner.costs()) is not None:
                         stats.predicted_tokens += expected_tokens(alpha, k)
-                        if mode == "pipelined":
-                            stats.predicted_time += pipelined_round_time(costs, k, k2, ready, alpha**k)
-                        else:
-                            stats.predicted_time += round_time(costs, k, mode, alpha)
+                        stats.predicted_time += round_as_run(costs, k, k2, ready, alpha**k)
                     # The tuner drafting (or not asked): every CATCH_UP tokens, or at once where it wants to draft
                     # ahead; it waiting to probe: just before.
                     if state.probe_in == 0:

@@ -35,7 +35,7 @@ from coordinator.cli import demo_target
 from tandem.cost_model import (
     MODES,
     Costs,
-    best_k,
+    best_plan,
     break_even_alpha,
     expected_tokens,
     predraft_throughputs,
@@ -342,15 +342,10 @@ def predict(costs: Costs, alpha: float, max_k: int) -> dict[str, Any]:
             row[f"{mode}_speedup"] = round(tps / base, 4)
         row["ahead_tps"], row["ahead_speedup"] = round(ahead[k], 3), round(ahead[k] / base, 4)
         table.append(row)
-    best = max(((best_k(alpha, costs, m, max_k), m) for m in MODES), key=lambda x: (x[0][1], x[1] == "sequential"))
-    (k, tps), mode = best
-    j = ahead.index(max(ahead))
-    if j and ahead[j] > tps:
-        k, tps, mode = 0, ahead[j], "pipelined"
-    else:
-        j = 0
-        if k == 0:
-            mode = "sequential"  # the target alone has no pipeline
+    plans = ((best_plan(alpha, costs, m, max_k), m) for m in MODES)
+    (k, j, tps), mode = max(plans, key=lambda x: (x[0][2], x[1] == "sequential"))
+    if k == 0 and j == 0:
+        mode = "sequential"  # the target alone has no pipeline
     # The lowest acceptance at which some k > 0 beats the target alone, in either mode.
     be = min(
         ((break_even_alpha(costs, j, m), j, m) for m in MODES for j in range(1, max_k + 1)),

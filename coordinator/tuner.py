@@ -38,8 +38,8 @@ from tandem.cost_model import (
     Mode,
     best_plan,
     expected_tokens,
-    pipelined_round_time,
     predraft_throughputs,
+    round_as_run,
     round_time,
     throughputs,
     tokens_per_second,
@@ -222,10 +222,7 @@ class Tuner:
             return
         a = self.alpha() if alpha is None else alpha
         bare = replace(costs, round_overhead=0.0, spec_overhead=0.0, ready_overhead=0.0, ahead_overhead=0.0)
-        if mode == "pipelined" and ready is not None:
-            base = pipelined_round_time(bare, k, ahead, ready, float(held))
-        else:
-            base = round_time(bare, k, mode, a)
+        base = round_time(bare, k, mode, a) if ready is None else round_as_run(bare, k, ahead, ready, float(held))
         extra = min(wall_s - base, 2.0 * base)  # one stall (GC, a slow client) must not swamp the estimate
         self._costs_stale = True
         if k and self._probe_loss is not None:  # a probe: pay what it lost beyond the prediction
@@ -235,7 +232,7 @@ class Tuner:
         # The mean of the first rounds, then an EWMA: where speculation does not pay, speculative rounds are
         # a few probes, and an EWMA started at the first one held near it for dozens more (probes on an H100
         # took 6-13 ms against 1.8 ms rounds at k = 0).
-        if k and ready and mode == "pipelined":
+        if k and ready:
             self.n_ready += 1
             self.extra_ready = self._mean(self.extra_ready, extra, self.n_ready)
         elif k:

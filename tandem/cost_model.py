@@ -46,8 +46,8 @@ __all__ = [
     "break_even_alpha",
     "draft_side",
     "expected_tokens",
-    "pipelined_round_time",
     "predraft_throughputs",
+    "round_as_run",
     "round_time",
     "throughputs",
     "tokens_per_second",
@@ -110,35 +110,24 @@ def round_time(costs: Costs, k: int, mode: Mode = "sequential", alpha: float | N
     """Expected wall time of one round; pipelined needs alpha (the bet on the next block)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    d, v = draft_side(costs, k), verify_side(costs, k)
-    if k == 0:
-        return v + costs.round_overhead
-    if mode == "pipelined" and alpha is None:
+    if k == 0 or mode == "sequential":
+        return round_as_run(costs, k)
+    if alpha is None:
         raise ValueError("pipelined round time needs the acceptance rate alpha")
-    a = 0.0 if mode == "sequential" else _check_alpha(alpha)
-    return _speculative_round(costs, d, v, a**k, a ** (k + 1), mode)
+    # Drafting k ahead each round: ready with probability alpha^(k+1), the call ahead waited for at alpha^k.
+    held, w = _check_alpha(alpha) ** k, alpha ** (k + 1)
+    return w * round_as_run(costs, k, k, True, held) + (1.0 - w) * round_as_run(costs, k, k, False, held)
 
 
-def _speculative_round(costs: Costs, d: float, v: float, held: float, w: float, mode: Mode) -> float:
-    """A round with k > 0 from its draft side d, verify side v and (pipelined) the odds that all k drafts
-    hold (the call ahead is waited for) and that the bet wins as well (the next block is ready: w)."""
-    # A negative overhead (rounds measured cheaper than the terms say) never beats the target call alone.
-    if mode == "sequential":
-        return max(d + v + costs.spec_overhead, v) + costs.round_overhead
-    t = v + held * max(0.0, d + costs.draft_per_token - v)
-    ready = max(t + costs.ready_overhead, v)
-    fresh = max(t + d + costs.spec_overhead, v)
-    return w * ready + (1.0 - w) * fresh + costs.round_overhead
-
-
-def pipelined_round_time(costs: Costs, k: int, ahead: int, ready: bool, held: float = 1.0) -> float:
-    """Wall time of one pipelined round as it ran: k drafts verified (drafted this round unless `ready`)
-    while the draft drafts `ahead` tokens past its guess (0: no call ahead), a call waited for when all k
-    drafts hold: `held`, 1 or 0 for a round that ran, their probability for an expectation."""
+def round_as_run(costs: Costs, k: int, ahead: int = 0, ready: bool = False, held: float = 1.0) -> float:
+    """Wall time of one round as it ran: k drafts verified (drafted this round unless `ready`) while
+    (pipelined) the draft drafts `ahead` tokens past its guess (0: no call ahead), a call waited for when
+    all k drafts hold: `held`, 1 or 0 for a round that ran, their probability for an expectation."""
     v = verify_side(costs, k)
     t = v + held * max(0.0, draft_side(costs, _check_k(ahead) + 1) - v) if ahead else v
     if k == 0:
         return t + costs.round_overhead + (costs.ahead_overhead if ahead else 0.0)
+    # A negative overhead (rounds measured cheaper than the terms say) never beats the target call alone.
     if ready:
         return max(t + costs.ready_overhead, v) + costs.round_overhead
     return max(t + draft_side(costs, k) + costs.spec_overhead, v) + costs.round_overhead
@@ -161,7 +150,7 @@ def throughputs(alpha: float, costs: Costs, mode: Mode = "sequential", max_k: in
     spec, ready = c.spec_overhead, c.ready_overhead
     out = [1.0 / (verify_side(c, 0) + over)]
     e, power = 1.0, 1.0  # E(k) and alpha^k
-    # _speculative_round inlined, with conditionals for max(): half the time of the calls.
+    # round_time's terms inlined, with conditionals for max(): a third of the time of the calls.
     for k in range(1, max_k + 1):
         power *= alpha
         e += power
@@ -189,7 +178,7 @@ def predraft_throughputs(alpha: float, costs: Costs, max_k: int = 16) -> list[fl
     c = costs
     v0, over = verify_side(c, 0), c.round_overhead
     out = [1.0 / (v0 + over)]
-    # pipelined_round_time's terms, inlined (conditionals for max()): the tuner asks every round.
+    # round_as_run's terms inlined (conditionals for max()): the tuner asks every round.
     vi, d1 = c.rtt_target + c.verify_intercept, c.rtt_draft + c.draft_overhead + c.draft_per_token
     dpt, slope, ready, alone = c.draft_per_token, c.verify_slope, c.ready_overhead, over + c.ahead_overhead
     e, power = 1.0, 1.0  # E(j) and alpha^j

@@ -12,8 +12,8 @@ from tandem.cost_model import (
     break_even_alpha,
     draft_side,
     expected_tokens,
-    pipelined_round_time,
     predraft_throughputs,
+    round_as_run,
     round_time,
     throughputs,
     tokens_per_second,
@@ -103,16 +103,16 @@ def test_break_even_matches_design_rule_for_one_token() -> None:
 def test_a_pipelined_round_by_what_it_did() -> None:
     v1, v0 = verify_side(COSTS, 1), verify_side(COSTS, 0)
     slow = Costs(0.030, 0.0, 0.001, 0.0005, 0.020, 0.001)  # a call ahead outlasts the verify
-    assert pipelined_round_time(COSTS, 0, 0, False) == pytest.approx(v0)
-    assert pipelined_round_time(COSTS, 0, 2, False) == pytest.approx(v0)  # the call ahead fits in the verify
-    assert pipelined_round_time(slow, 0, 2, False) == pytest.approx(draft_side(slow, 3))  # ... or is waited for
-    assert pipelined_round_time(slow, 1, 2, True, held=0.0) == pytest.approx(verify_side(slow, 1))  # not waited
-    assert pipelined_round_time(COSTS, 1, 1, True) == pytest.approx(v1)
-    assert pipelined_round_time(COSTS, 1, 1, False) == pytest.approx(draft_side(COSTS, 1) + v1)
+    assert round_as_run(COSTS, 0, 0, False) == pytest.approx(v0)
+    assert round_as_run(COSTS, 0, 2, False) == pytest.approx(v0)  # the call ahead fits in the verify
+    assert round_as_run(slow, 0, 2, False) == pytest.approx(draft_side(slow, 3))  # ... or is waited for
+    assert round_as_run(slow, 1, 2, True, held=0.0) == pytest.approx(verify_side(slow, 1))  # not waited
+    assert round_as_run(COSTS, 1, 1, True) == pytest.approx(v1)
+    assert round_as_run(COSTS, 1, 1, False) == pytest.approx(draft_side(COSTS, 1) + v1)
     # The expectation over the bet: ready with probability alpha^(k+1), the call ahead waited for at alpha^k.
     a, k = 0.6, 3
     w, held = a ** (k + 1), a**k
-    ready, fresh = (pipelined_round_time(slow, k, k, r, held) for r in (True, False))
+    ready, fresh = (round_as_run(slow, k, k, r, held) for r in (True, False))
     expected = w * ready + (1 - w) * fresh
     assert round_time(slow, k, "pipelined", a) == pytest.approx(expected)
 
@@ -138,17 +138,17 @@ def test_drafting_ahead_of_the_target_alone() -> None:
 
 
 def test_predraft_throughputs_follow_the_round_times() -> None:
-    """The inlined form against the chain built from pipelined_round_time."""
+    """The inlined form against the chain built from round_as_run."""
     rng = random.Random(1)
     for _ in range(500):
         overheads = (rng.uniform(-0.002, 0.002) for _ in range(3))
         decode = rng.choice([None, rng.uniform(0, 0.01)])
         costs = Costs(*(rng.uniform(0, 0.01) for _ in range(6)), *overheads, decode, rng.uniform(-0.002, 0.002))
         alpha = rng.choice([0.0, 1.0, rng.random()])
-        want = [1 / pipelined_round_time(costs, 0, 0, False)]
+        want = [1 / round_as_run(costs, 0, 0, False)]
         for j in range(1, 9):
             p = alpha / (1 - alpha ** (j + 1) + alpha) if alpha else 0.0
-            t_alone = pipelined_round_time(costs, 0, j, False)
-            t_ready = pipelined_round_time(costs, j, j, True, alpha**j)
+            t_alone = round_as_run(costs, 0, j, False)
+            t_ready = round_as_run(costs, j, j, True, alpha**j)
             want.append(((1 - p) + p * expected_tokens(alpha, j)) / ((1 - p) * t_alone + p * t_ready))
         assert predraft_throughputs(alpha, costs, 8) == pytest.approx(want, rel=1e-12)
