@@ -63,6 +63,11 @@ CONNECT_TIMEOUT = 10.0
 # while the draft was sent each prompt and caught up every 32 tokens, for probes that came rarely.
 CATCH_UP = 32
 PROBE_LEAD = 4
+# A call drafting ahead of a target-only round also takes up to this many tokens the draft lacks (one short
+# batched forward); a draft further behind catches up beside the target first, so that no such round
+# carries a long catch-up. Requiring no lag at all, a draft whose catch-ups took two target rounds chased
+# the target for a whole request.
+AHEAD_LAG = 4
 # Errors that mean "this session is gone on the node": resend the whole context once.
 LOST_SESSION = (Code.NOT_FOUND, Code.FAILED_PRECONDITION)
 # Draft errors specific to one request (its context or arguments): stop drafting for that request only.
@@ -798,7 +803,7 @@ class Coordinator:
                             k2 = min(policy, cap2) if k > 0 else 0
                         elif cap2 > 0 and k > 0:
                             k2 = tuner.choose_k(state, mode, cap2) or min(state.ahead, cap2)
-                        elif cap2 > 0 and lag <= 1:
+                        elif cap2 > 0 and lag <= AHEAD_LAG:
                             # The tuner's 0 may come with a length to draft ahead of this target-only round. A
                             # draft further behind catches up first, beside the target (below), not on its path.
                             k2 = min(state.ahead, cap2)
@@ -814,7 +819,7 @@ class Coordinator:
                     # The tuner drafting (or not asked): every CATCH_UP tokens, or at once where it wants to draft
                     # ahead; it waiting to probe: just before.
                     if state.probe_in == 0:
-                        due = lag >= CATCH_UP or (state.ahead > 0 and lag > 1)
+                        due = lag >= CATCH_UP or (state.ahead > 0 and lag > AHEAD_LAG)
                     else:
                         due = state.probe_in <= PROBE_LEAD and lag >= PROBE_LEAD
                     if (
