@@ -1,15 +1,15 @@
 """Chooses the draft length every round from what the rounds measured.
 
-Measurements feed the cost model (tandem.cost_model): draft compute as overhead + per_token*k and
-target verify compute as a + b*k (k >= 1), both fitted by exponentially forgotten least squares, beside the
-target's decode step (k = 0), averaged alike; link times
-as EWMAs of reply wall time minus node-reported compute; acceptance as Beta counts, a global prior
-per kind of decoding (greedy and sampled requests accept at different rates: a sampled one checks its
-draft against a distribution, not an argmax), shrunk toward the pooled estimate, plus each request's
-own counts; and what rounds cost beyond all that, as EWMAs
-of each round's wall time minus the model's, apart for target-only rounds, speculative ones and, pipelined,
-rounds whose block was drafted ahead and target-only rounds with a call ahead (the model's blind spots:
-the draft catching up after target-only stretches, the coordinator's own work, two nodes on one GPU).
+Measurements feed the cost model (tandem.cost_model): draft compute as overhead + per_token*k, fitted by
+exponentially forgotten least squares; the target's compute per call as a level (its decode step, k = 0)
+plus, for a verify block of k >= 1 drafts, a gap and a slope per draft, tracked by a Kalman filter
+(StepFilter) in which every call moves the level; link times as EWMAs of reply wall time minus
+node-reported compute; acceptance as Beta counts, a global prior per kind of decoding (greedy and sampled
+requests accept at different rates: a sampled one checks its draft against a distribution, not an argmax),
+shrunk toward the pooled estimate, plus each request's own counts; and what rounds cost beyond all that,
+as EWMAs of each round's wall time minus the model's, apart for target-only rounds, speculative ones and,
+pipelined, rounds whose block was drafted ahead and target-only rounds with a call ahead (the model's blind
+spots: the draft catching up after target-only stretches, the coordinator's own work, two nodes on one GPU).
 choose_k maximises predicted tokens/s; in pipelined mode, leaving the target alone while the draft drafts
 ahead of it (cost_model.predraft_throughputs) is one more choice, handed to the loop as RequestState.ahead.
 
@@ -45,7 +45,7 @@ from tandem.cost_model import (
     tokens_per_second,
 )
 
-__all__ = ["LinearFit", "RequestState", "Tuner"]
+__all__ = ["LinearFit", "RequestState", "StepFilter", "Tuner"]
 
 
 OUTLIER = 4.0  # a cost sample counts as at most this many times the fit's prediction
@@ -104,6 +104,69 @@ class LinearFit:
         return (r0 * m11 - m01 * r1) / det, (m00 * r1 - m01 * r0) / det
 
 
+class StepFilter:
+    """The target's compute per call: level + gap*[k > 0] + slope*k for k drafts, tracked by a Kalman filter.
+
+    One level serves decode steps and verify blocks alike, and every call moves it: a target's speed
+    drifts (an 8-thread CPU target verified 2 drafts in 40 ms for minutes, then in 28 ms), and a verify
+    line fitted apart from decode steps heard of that only from speculative rounds, the very rounds its
+    stale estimate had stopped. The gap and slope change slowly and are learnt from contrasts between calls
+    close in time, out of which a drift cancels; while the target runs alone their uncertainty grows, so
+    the next probe counts for more. Samples are held within OUTLIER of the prediction, as LinearFit's, and
+    an innovation within 3 standard deviations: a busy CPU's calls spike to 2-4x a step.
+    """
+
+    def __init__(self, level_drift: float = 0.01, shape_drift: float = 0.002) -> None:
+        self.level_drift, self.shape_drift = level_drift, shape_drift  # per call, relative to the level
+        self.x: list[float] = []  # level, gap, slope (seconds); empty before the first sample
+        self.p: list[list[float]] = []  # their covariance
+        self.noise = 0.1  # a call's compute about the prediction, relative sd (learnt)
+        self.n = 0
+
+    def _start(self, y: float) -> None:
+        self.x = [y, 0.0, 0.0]
+        self.p = [[y * y, 0.0, 0.0], [0.0, (0.1 * y) ** 2, 0.0], [0.0, 0.0, (0.03 * y) ** 2]]
+        self.n = 1
+
+    def predict(self, k: int) -> float | None:
+        if not self.x:
+            return None
+        level, gap, slope = self.x
+        return level + (gap + slope * k if k else 0.0)
+
+    def add(self, k: int, y: float) -> None:
+        predicted = self.predict(k)
+        if predicted is None or y * OUTLIER < (predicted := max(predicted, 1e-9)):
+            self._start(y)  # the first call, or what came before was a stall
+            return
+        if self.n >= 4:
+            y = min(y, OUTLIER * predicted)
+        x, p = self.x, self.p
+        drift = max(x[0], 1e-9)
+        for i, q in enumerate((self.level_drift, self.shape_drift, self.shape_drift)):
+            p[i][i] += (q * drift) ** 2
+        h = (1.0, 1.0 if k else 0.0, float(k))
+        ph = [p[i][0] * h[0] + p[i][1] * h[1] + p[i][2] * h[2] for i in range(3)]
+        s = ph[0] * h[0] + ph[1] * h[1] + ph[2] * h[2] + (self.noise * predicted) ** 2
+        e = y - predicted
+        rel = e / predicted
+        self.noise = math.sqrt(self.noise**2 + 0.02 * (min(rel * rel, 9.0 * self.noise**2) - self.noise**2))
+        bound = 3.0 * math.sqrt(s)
+        e = min(max(e, -bound), bound)
+        for i in range(3):
+            x[i] += ph[i] / s * e
+            for j in range(3):
+                p[i][j] -= ph[i] * ph[j] / s
+        self.n += 1
+
+    def coefficients(self) -> tuple[float, float, float] | None:
+        """(decode step, verify intercept, verify slope), or None before any call."""
+        if not self.x:
+            return None
+        level, gap, slope = self.x
+        return level, level + gap, slope
+
+
 @dataclass
 class RequestState:
     """One request's acceptance counts and exploration state."""
@@ -148,11 +211,9 @@ class Tuner:
         # A draft call is k decode steps: hold its fixed cost near zero firmly, or rounds that all use one k
         # let the fit trade per-token cost for per-call cost and the chosen k drifts to an extreme.
         self.draft_fit = LinearFit(fit_decay, prior_a=0.0, prior_weight=0.1)
-        # Verify time of k >= 1 drafts: assume flat in k until k varies (optimistic, so speculation gets tried),
-        # and no dearer than a decode step until a block was verified. A decode step apart: it can take
-        # another path than a verify block (cost_model), so it is no point of the verify line.
-        self.verify_fit = LinearFit(fit_decay, prior_b=0.0)
-        self.decode_fit = LinearFit(fit_decay)
+        # The target's calls: a verify block starts as dear as a decode step and flat in k (optimistic, so
+        # speculation gets tried); the gap between them is a term of its own (cost_model: another path).
+        self.target_fit = StepFilter()
         self.rtt_draft: float | None = None
         self.rtt_target: float | None = None
         self.extra_alone: float | None = None  # round wall time beyond the model, k = 0
@@ -197,7 +258,7 @@ class Tuner:
     def record_verify(self, k: int, compute_s: float, wall_s: float | None = None) -> None:
         """A target call that verified k draft tokens (k + 1 positions; k = 0: a decode step)."""
         self._costs_stale = True
-        (self.verify_fit if k else self.decode_fit).add(k, compute_s)
+        self.target_fit.add(k, compute_s)
         if wall_s is not None:
             self.rtt_target = self._rtt(self.rtt_target, wall_s, compute_s)
 
@@ -313,25 +374,24 @@ class Tuner:
         return self._costs
 
     def _measured_costs(self) -> Costs | None:
-        draft, verify, decode = (f.coefficients() for f in (self.draft_fit, self.verify_fit, self.decode_fit))
-        if draft is None or (verify is None and decode is None):
+        draft, target = self.draft_fit.coefficients(), self.target_fit.coefficients()
+        if draft is None or target is None:
             return None
-        if verify is None:
-            verify = (decode[0], 0.0)
+        decode, intercept, slope = target
         alone = max(self.extra_alone or 0.0, 0.0)
         return Costs(
             rtt_draft=self.rtt_draft or 0.0,
             rtt_target=self.rtt_target or 0.0,
             draft_per_token=max(draft[1], 0.0),
             draft_overhead=max(draft[0], 0.0),
-            verify_intercept=max(verify[0], 1e-9),
-            verify_slope=max(verify[1], 0.0),
+            verify_intercept=max(intercept, 1e-9),
+            verify_slope=max(slope, 0.0),
             round_overhead=alone,
             # 0 until a speculative round was timed, so speculation gets tried. Smoothed slowly: a pipelined
             # round's time swings with its bet, and a dip would make probes look cheap.
             spec_overhead=(self.extra_spec or 0.0) - alone,
             ready_overhead=(self.extra_ready or 0.0) - alone,
-            decode=None if decode is None else max(decode[0], 1e-9),
+            decode=max(decode, 1e-9),
             ahead_overhead=(self.extra_ahead or 0.0) - alone,
         )
 

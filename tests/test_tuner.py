@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -14,6 +15,7 @@ from tandem.cost_model import best_k
 STEP = 0.020  # target decode step, seconds
 RTT_TARGET = 0.0001  # the coordinator sits next to the target
 MAX_K = 16
+DRIFT_ROUNDS = 1000
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class World:
     hidden: float = 0.0  # wall time a speculative round costs that no node reports (e.g. the draft catching up)
     gap: float = 0.0  # a verify block's cost over a decode step's at k -> 0, / target step (another kernel path)
     shared: float = 0.0  # wall time a call ahead adds to a round (both nodes on one GPU, say)
+    drift: float = 0.0  # the target's compute swings by this fraction, a slow wave over DRIFT_ROUNDS rounds
 
     @property
     def per_token(self) -> float:
@@ -56,8 +59,9 @@ def draft_call(world: World, m: int, nz: np.ndarray) -> tuple[float, float]:
     return compute, compute + world.rtt * nz[1]
 
 
-def verify_call(world: World, k: int, nz: np.ndarray) -> tuple[float, float]:
-    compute = (STEP + (world.gap * STEP if k else 0.0) + world.slope * STEP * k) * nz[2]
+def verify_call(world: World, k: int, nz: np.ndarray, i: int) -> tuple[float, float]:
+    speed = 1.0 + world.drift * math.sin(2 * math.pi * i / DRIFT_ROUNDS)
+    compute = (STEP + (world.gap * STEP if k else 0.0) + world.slope * STEP * k) * nz[2] * speed
     return compute, compute + RTT_TARGET * nz[3]
 
 
@@ -82,7 +86,7 @@ def play(world: World, trace: Trace, i: int, k: int, mode: str, ahead: int = 0, 
     n = min(run, k)
     d = draft_call(world, k, nz) if k and not ready else None
     a = draft_call(world, ahead + 1, nz) if ahead else None
-    v = verify_call(world, k, nz)
+    v = verify_call(world, k, nz, i)
     wall = (d[1] if d else 0.0) + (max(v[1], a[1]) if a and n == k else v[1])
     wall += (world.hidden if k else 0.0) + (world.shared if ahead else 0.0)
     return Played(k, ahead, ready, n, d, a, v, wall)
@@ -164,7 +168,7 @@ def test_tuner_close_to_best_fixed_k(mode: str) -> None:
         best = max(fixed + ahead)
         goodput, ks, aheads, _ = tuned(world, trace, mode, WARMUP)
         ratio = goodput / best
-        alone = float(np.mean((ks == 0) & (aheads == 0)))  # rounds with no draft call at all
+        alone = float(np.mean((ks[WARMUP:] == 0) & (aheads[WARMUP:] == 0)))  # rounds with no draft call at all
         line = (
             f"{world} best fixed k {int(np.argmax(fixed))} (ahead {int(np.argmax(ahead)) + 1 if ahead else '-'}) "
             f"ratio {ratio:.3f} alone {alone:.2f} median k {np.median(ks)} median ahead {np.median(aheads)}"
@@ -177,6 +181,21 @@ def test_tuner_close_to_best_fixed_k(mode: str) -> None:
         if max(fixed[1:] + ahead) > 1.10 * fixed[0] and alone > 0.10:
             failures.append("should speculate: " + line)
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sequential", "pipelined"])
+def test_tuner_follows_a_target_whose_speed_drifts(mode: str) -> None:
+    """The target's compute swings by +-30% over 1000 rounds (a CPU target on a busy host did more). A verify
+    line fitted apart from decode steps, each with its own forgetting, made 0.89x the best fixed k here."""
+    ratios = []
+    for j, world in enumerate(replace(w, drift=0.3) for w in WORLDS):
+        trace = make_trace(world, WARMUP + MEASURED, seed=1000 + j)
+        fixed = [fixed_goodput(world, k, trace, mode, WARMUP) for k in range(MAX_K + 1)]
+        ahead = [predraft_goodput(world, a, trace, WARMUP) for a in range(1, MAX_K + 1)] if mode == "pipelined" else []
+        ratios.append(tuned(world, trace, mode, WARMUP)[0] / max(fixed + ahead))
+    low = [f"{w}: {r:.3f}" for w, r in zip(WORLDS, ratios, strict=True) if r < 0.95]
+    assert not low, low
 
 
 @pytest.mark.parametrize("mode", ["sequential", "pipelined"])
@@ -223,7 +242,7 @@ def test_a_decode_step_is_fitted_apart_from_the_verify_line() -> None:
         k = 0 if i % 2 else 2 + i % 3
         tuner.record_verify(k, 0.041 if k == 0 else 0.0495 + 0.002 * k)
     costs = tuner.costs()
-    assert costs.decode == pytest.approx(0.041)
+    assert costs.decode == pytest.approx(0.041, rel=1e-3)
     assert costs.verify_intercept == pytest.approx(0.0495, rel=1e-3)
     assert costs.verify_slope == pytest.approx(0.002, rel=1e-2)
 
