@@ -54,6 +54,34 @@ def test_rows_are_bit_identical_whatever_the_block() -> None:
         assert torch.equal(w(x[i : i + 1]), full[i : i + 1])
 
 
+def test_every_tiling_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, scale, mn, _ = weights(3072, 576, seed=3)
+    w = Int4Weight(q, scale, mn, torch.bfloat16)
+    x = torch.randn(11, 576).bfloat16()
+    monkeypatch.setattr(cpu_kernels, "BLOCKS", 1)
+    one = [w(x[:m]) for m in range(1, 12)]
+    for blocks in cpu_kernels.BLOCK_CHOICES:
+        monkeypatch.setattr(cpu_kernels, "BLOCKS", blocks)
+        for m in range(1, 12):
+            assert torch.equal(w(x[:m]), one[m - 1]), (blocks, m)
+    with pytest.raises(RuntimeError, match="blocks must be 1, 2 or 4"):
+        torch.ops.tandem_cpu.int4_mm(x, w.packed, w.scales, 3072, 3)
+
+
+def test_tune_keeps_the_fastest_tiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_kernels, "BLOCKS", 4)
+    q, scale, mn, _ = weights(3072, 576, seed=4)
+    w = Int4Weight(q, scale, mn, torch.bfloat16)
+    x = torch.randn(1, 576).bfloat16()
+
+    def step() -> None:  # as if tiles of 2 blocks were 20x faster here
+        for _ in range(1 if cpu_kernels.BLOCKS == 2 else 20):
+            w(x)
+
+    medians = cpu_kernels.tune(step, rounds=3)
+    assert set(medians) == set(cpu_kernels.BLOCK_CHOICES) and cpu_kernels.BLOCKS == 2
+
+
 def test_threads_give_the_same_bits() -> None:
     q, scale, mn, _ = weights(1000, 576, seed=2)
     w = Int4Weight(q, scale, mn, torch.bfloat16)

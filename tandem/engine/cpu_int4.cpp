@@ -15,6 +15,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <string>
@@ -108,25 +109,27 @@ void tile(const uint16_t* xb, int64_t ldx, const float* xsum, int64_t G, const u
 using TileFn = void (*)(const uint16_t*, int64_t, const float*, int64_t, const uint8_t*, const at::Half*, const Out&,
                         int64_t, int64_t);
 
-// Blocks per tile: enough independent accumulators to hide vdpbf16ps's latency with few rows, and
-// registers to spare with many.
-constexpr int blocks_for(int mt) { return mt <= 2 ? 4 : mt <= 4 ? 2 : 1; }
+// Blocks of 16 output rows per tile, at most: with few rows of x, more blocks give vdpbf16ps independent
+// accumulators to hide its latency; one keeps a single stream of codes per thread. Which wins depends on
+// the machine (cpu_kernels.tune times them); the register file bounds the count.
+constexpr int max_blocks(int mt) { return mt <= 2 ? 4 : mt <= 4 ? 2 : 1; }
+constexpr int kBlockChoices[3] = {1, 2, 4};
 
 template <int... I>
-constexpr std::array<std::array<TileFn, 2>, sizeof...(I)> make_tiles(std::integer_sequence<int, I...>) {
-  return {{{&tile<I + 1, 1>, &tile<I + 1, blocks_for(I + 1)>}...}};
+constexpr std::array<std::array<TileFn, 3>, sizeof...(I)> make_tiles(std::integer_sequence<int, I...>) {
+  return {{{&tile<I + 1, 1>, &tile<I + 1, std::min(2, max_blocks(I + 1))>, &tile<I + 1, max_blocks(I + 1)>}...}};
 }
 const auto kTiles = make_tiles(std::make_integer_sequence<int, kMaxTile>{});
 
-// x: [M, K] bf16 bits; xsum: [M, G].
+// x: [M, K] bf16 bits; xsum: [M, G]. choice: index into kBlockChoices.
 void matmul(const uint16_t* xb, const float* xsum, int64_t M, int64_t K, const uint8_t* codes, const at::Half* sm,
-            int64_t n_blocks, const Out& out) {
+            int64_t n_blocks, const Out& out, int choice) {
   const int64_t G = K / kGroup;
   for (int64_t m0 = 0; m0 < M; m0 += kMaxTile) {
     const int64_t mt = std::min<int64_t>(kMaxTile, M - m0);
-    const int64_t nb = blocks_for(static_cast<int>(mt));
+    const int64_t nb = std::min(kBlockChoices[choice], max_blocks(static_cast<int>(mt)));
     const int64_t wide = n_blocks / nb;
-    const TileFn fw = kTiles[mt - 1][1], f1 = kTiles[mt - 1][0];
+    const TileFn fw = kTiles[mt - 1][choice], f1 = kTiles[mt - 1][0];
     // Tiles of nb blocks, then the leftover blocks one at a time.
     const int64_t units = wide + (n_blocks - wide * nb);
     at::parallel_for(0, units, 1, [&](int64_t lo, int64_t hi) {
@@ -152,7 +155,8 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch doe
   return static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
 }
 
-at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales_mins, int64_t n) {
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales_mins, int64_t n,
+                   int64_t blocks) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "int4_mm: x must be a 2-d CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
               "int4_mm: x must be bfloat16 or float32, got ", x.scalar_type());
@@ -171,6 +175,9 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   TORCH_CHECK(0 < n && n <= n_blocks * kRows,
               "int4_mm: " + std::to_string(n) + " output rows from " + std::to_string(n_blocks) + " blocks");
 
+  TORCH_CHECK(blocks == 1 || blocks == 2 || blocks == 4,
+              "int4_mm: blocks must be 1, 2 or 4, got " + std::to_string(blocks));
+  const int choice = blocks == 1 ? 0 : blocks == 2 ? 1 : 2;
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({M, n}, x.options());
   if (M == 0) return y;
@@ -184,7 +191,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
       for (int64_t j = 0; j < kGroup; ++j) s += bf16_to_float(xb[i * kGroup + j]);
       xsum[i] = s;
     }
-    matmul(xb, xsum.data(), M, K, c, sm, n_blocks, Out{y.data_ptr(), n, n, true});
+    matmul(xb, xsum.data(), M, K, c, sm, n_blocks, Out{y.data_ptr(), n, n, true}, choice);
     return y;
   }
   // float32: x = hi + lo in bfloat16, run as 2M rows into a float scratch; the mins see the exact sums once.
@@ -198,7 +205,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
     xsum[i / kGroup] += xf[i];
   }
   std::vector<float> scratch(2 * M * n);
-  matmul(xb.data(), xsum.data(), 2 * M, K, c, sm, n_blocks, Out{scratch.data(), n, n, false});
+  matmul(xb.data(), xsum.data(), 2 * M, K, c, sm, n_blocks, Out{scratch.data(), n, n, false}, choice);
   float* yp = y.data_ptr<float>();
   for (int64_t i = 0; i < M * n; ++i) yp[i] = scratch[i] + scratch[M * n + i];
   return y;
@@ -207,7 +214,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY(tandem_cpu, m) {
-  m.def("int4_mm(Tensor x, Tensor codes, Tensor scales_mins, int n) -> Tensor");
+  m.def("int4_mm(Tensor x, Tensor codes, Tensor scales_mins, int n, int blocks) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) { m.impl("int4_mm", &int4_mm); }

@@ -385,6 +385,8 @@ def load_engine(
         log.info(
             "placement rules: %d; %s", len(rules), "; ".join(f"{k} on {', '.join(sorted(v))}" for k, v in where.items())
         )
+    if weights == "quantized" and cpu_kernels.available() and any(d.type == "cpu" for d in model.layer_devices):
+        engine.load_seconds += _tune_cpu_kernels(engine)
     if compile and (rules or cfg.arch in MOE_ARCHS):
         # Routing sizes are data-dependent (one host sync per MoE block) and rules move activations.
         log.info("compile skipped: MoE routing and placement rules run eagerly")
@@ -393,6 +395,27 @@ def load_engine(
         engine.cuda_graphs = len(devices) == 1 and devices[0].type == "cuda"
         engine.load_seconds += engine.compile()
     return engine
+
+
+def _tune_cpu_kernels(engine: Engine) -> float:
+    """Time a decode step under each tiling of our int4 matmul and keep the fastest (before any compile, which
+    bakes it in); returns seconds."""
+    t0 = time.perf_counter()
+    seq = engine.new_sequence(64)
+    seq.forward([0] * 8, all_logits=False)
+
+    def step() -> None:
+        seq.forward([0], all_logits=False)
+        seq.truncate(8)
+
+    medians = cpu_kernels.tune(step)
+    engine.release(seq)
+    log.info(
+        "int4 matmul: tiles of up to %d blocks (decode step %s ms)",
+        cpu_kernels.BLOCKS,
+        ", ".join(f"{b}: {1e3 * t:.2f}" for b, t in medians.items()),
+    )
+    return time.perf_counter() - t0
 
 
 @dataclass
