@@ -410,7 +410,7 @@ def _tune_cpu_kernels(engine: Engine) -> float:
 
     medians = cpu_kernels.tune(step)
     engine.release(seq)
-    log.info(
+    log.debug(
         "int4 matmul: tiles of up to %d blocks (decode step %s ms)",
         cpu_kernels.BLOCKS,
         ", ".join(f"{b}: {1e3 * t:.2f}" for b, t in medians.items()),
