@@ -100,8 +100,8 @@ def tune(forward: Callable[[], object], rounds: int = 5) -> dict[int, float]:
     """Keep the tiling under which `forward` (a model's decode step) runs fastest; returns the median seconds
     of each. Tiles of several blocks of output rows give few rows of activations independent accumulators,
     one block keeps one stream of codes per thread, and which wins depends on the machine: on a 2-core AMD
-    EPYC one block made SmolLM2's decode step 30% faster on one thread (10.3 ms against 14.8), where an
-    Intel Xeon's compiled 8-thread step measured 13 ms with up to four blocks and 19 ms with one. The candidates
+    EPYC one block made SmolLM2's decode step 30% faster on one thread (10.3 ms against 14.8, up to four
+    blocks being the fixed choice before); on an Intel Xeon's 8 threads all three took 15.3-15.4 ms. The candidates
     take turns, so a drift in the machine's speed lands on all of them. Results do not depend on it: every
     row is summed in the same order whatever its tile."""
     global BLOCKS
