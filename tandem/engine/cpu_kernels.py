@@ -100,10 +100,10 @@ def tune(forward: Callable[[], object], rounds: int = 5) -> dict[int, float]:
     """Keep the tiling under which `forward` (a model's decode step) runs fastest; returns the median seconds
     of each. Tiles of several blocks of output rows give few rows of activations independent accumulators,
     one block keeps one stream of codes per thread, and which wins depends on the machine: on a 2-core AMD
-    EPYC one block made SmolLM2's decode step 30% faster on one thread (10.3 ms against 14.8, up to four
-    blocks being the fixed choice before); on an Intel Xeon's 8 threads all three took 15.3-15.4 ms. The candidates
-    take turns, so a drift in the machine's speed lands on all of them. Results do not depend on it: every
-    row is summed in the same order whatever its tile."""
+    EPYC, SmolLM2's decode step on one thread took 10.3 ms with one block and 14.8 with up to four (the
+    fixed choice before); on an Intel Xeon's 8 threads all three took 15.3-15.4 ms. The candidates take
+    turns, so a drift in the machine's speed lands on all of them. Results do not depend on the choice:
+    every row is summed in the same order whatever its tile."""
     global BLOCKS
     times: dict[int, list[float]] = {b: [] for b in BLOCK_CHOICES}
     for i in range(rounds + 1):

@@ -385,7 +385,7 @@ def load_engine(
         log.info(
             "placement rules: %d; %s", len(rules), "; ".join(f"{k} on {', '.join(sorted(v))}" for k, v in where.items())
         )
-    if weights == "quantized" and cpu_kernels.available() and any(d.type == "cpu" for d in model.layer_devices):
+    if any(getattr(m, "ours", False) for m in model.modules()):  # our int4 matmul serves some weights
         engine.load_seconds += _tune_cpu_kernels(engine)
     if compile and (rules or cfg.arch in MOE_ARCHS):
         # Routing sizes are data-dependent (one host sync per MoE block) and rules move activations.
