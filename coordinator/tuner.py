@@ -52,6 +52,20 @@ OUTLIER = 4.0  # a cost sample counts as at most this many times the fit's predi
 MAX_ALONE_ROUNDS = 512  # target-only rounds in a row, across requests, before a probe however costly
 
 
+def _held(y: float, predicted: float | None, seen: float) -> float | None:
+    """A cost sample held within OUTLIER of a fit's prediction once `seen` samples back the fit; None where the
+    fit should start afresh at it. A one-off stall (a kernel built on first use, a graph captured for a new
+    session) measured 35-1,000x a GPU step: past the first few samples it is capped, and a lasting change
+    still moves the fit, a capped step at a time. A sample below the prediction by as much means what the
+    fit held was such a stall, or is past."""
+    if predicted is None:
+        return y
+    predicted = max(predicted, 1e-9)
+    if y * OUTLIER < predicted:
+        return None
+    return min(y, OUTLIER * predicted) if seen >= 4 else y
+
+
 class LinearFit:
     """Weighted least squares y = a + b*x with forgetting, plus a weak ridge prior on a and/or b.
 
@@ -67,16 +81,11 @@ class LinearFit:
         self.s0 = self.sx = self.sxx = self.sy = self.sxy = 0.0
 
     def add(self, x: float, y: float) -> None:
-        """One sample, held within OUTLIER of the fit's prediction. A one-off stall (a kernel built on first
-        use, a graph captured for a new session) measured 35-1,000x a GPU step: past the first few samples
-        it is capped, and a lasting change still moves the fit, a capped step at a time. A sample below
-        the prediction by as much starts the fit afresh: what it held was such a stall, or is past."""
-        if (predicted := self.predict(x)) is not None:
-            predicted = max(predicted, 1e-9)
-            if y * OUTLIER < predicted:
-                self.s0 = self.sx = self.sxx = self.sy = self.sxy = 0.0
-            elif self.s0 >= 4:
-                y = min(y, OUTLIER * predicted)
+        """One sample, held within OUTLIER of the fit's prediction (_held)."""
+        if (held := _held(y, self.predict(x), self.s0)) is None:
+            self.s0 = self.sx = self.sxx = self.sy = self.sxy = 0.0
+        else:
+            y = held
         d = self.decay
         self.s0 = d * self.s0 + 1.0
         self.sx = d * self.sx + x
@@ -112,7 +121,7 @@ class StepFilter:
     line fitted apart from decode steps heard of that only from speculative rounds, the very rounds its
     stale estimate had stopped. The gap and slope change slowly and are learnt from contrasts between calls
     close in time, out of which a drift cancels; while the target runs alone their uncertainty grows, so
-    the next probe counts for more. Samples are held within OUTLIER of the prediction, as LinearFit's, and
+    the next probe counts for more. Samples are held within OUTLIER of the prediction (_held), and
     an innovation within 3 standard deviations: a busy CPU's calls spike to 2-4x a step.
     """
 
@@ -136,11 +145,10 @@ class StepFilter:
 
     def add(self, k: int, y: float) -> None:
         predicted = self.predict(k)
-        if predicted is None or y * OUTLIER < (predicted := max(predicted, 1e-9)):
+        if predicted is None or (held := _held(y, predicted, self.n)) is None:
             self._start(y)  # the first call, or what came before was a stall
             return
-        if self.n >= 4:
-            y = min(y, OUTLIER * predicted)
+        y, predicted = held, max(predicted, 1e-9)
         x, p = self.x, self.p
         drift = max(x[0], 1e-9)
         for i, q in enumerate((self.level_drift, self.shape_drift, self.shape_drift)):
