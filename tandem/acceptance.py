@@ -15,7 +15,7 @@ from numbers import Integral
 import torch
 from torch import Tensor
 
-from tandem.sampling import SamplingParams, target_probs
+from tandem.sampling import SamplingParams, draw, target_probs
 
 __all__ = ["dense_q", "verify_greedy", "verify_probs", "verify_sampled"]
 
@@ -77,16 +77,6 @@ def dense_q(draft_dists: Sequence[Dist], vocab: int, device: torch.device | str)
     return q.view(len(draft_dists), vocab)
 
 
-def _draw(weights: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One index per row of non-negative weights [..., V], by the exponential race argmax(w / E).
-
-    The same draw torch.multinomial makes for one sample, without its input checks, which read
-    values back to the host and would cost device syncs.
-    """
-    race = torch.empty_like(weights).exponential_(generator=generator).clamp_min_(1e-30)
-    return (weights / race).argmax(-1)
-
-
 def verify_probs(
     p: Tensor, q: Tensor, draft_tokens: Tensor, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -99,23 +89,28 @@ def verify_probs(
     if p.shape[-2] != k + 1 or p.shape[-1] != vocab or draft_tokens.shape[-1] != k:
         raise ValueError(f"shapes disagree: p {tuple(p.shape)}, q {tuple(q.shape)}, tokens {tuple(draft_tokens.shape)}")
     x = draft_tokens.long().unsqueeze(-1)
+    if k == 0:
+        return torch.zeros(p.shape[:-2], dtype=torch.long, device=p.device), draw(p[..., 0, :], generator)
     q_x = q.gather(-1, x).squeeze(-1)
     # A proposed token the draft claims it could not propose breaks the rule's premise; treating
     # that position as a deterministic proposal (q = one-hot) is exact for a draft that chose it so.
     impossible = q_x <= 0
-    q = torch.where(impossible.unsqueeze(-1), torch.zeros_like(q).scatter_(-1, x, 1.0), q)
     q_x = torch.where(impossible, torch.ones_like(q_x), q_x)
     p_x = p[..., :k, :].gather(-1, x).squeeze(-1)
     u = torch.rand(q_x.shape, generator=generator, device=q_x.device, dtype=q_x.dtype)
     accepted = u * q_x < p_x  # u < p/q without dividing; p >= q always accepts, p == 0 never
     n = accepted.long().cumprod(-1).sum(-1)
-    residual = (p[..., :k, :] - q).clamp_min(0.0)
-    # p == q leaves nothing (and a rejection there has probability 0): fall back to p itself.
-    empty = residual.sum(-1, keepdim=True) <= 0
-    residual = torch.where(empty, p[..., :k, :], residual)
-    rows = torch.cat([residual, p[..., k:, :]], dim=-2)  # row i: where to draw if i were accepted
-    row = rows.gather(-2, n[..., None, None].expand(*n.shape, 1, vocab)).squeeze(-2)
-    return n, _draw(row, generator)
+    # Only row n is drawn from: the residual max(p_n - q_n, 0) at a rejection, p_k after k acceptances.
+    # Building that one row, not all k + 1, keeps a block's cost near a decode step's.
+    at = n.clamp_max(k - 1)[..., None, None]
+    p_n = p.gather(-2, n[..., None, None].expand(*n.shape, 1, vocab))
+    q_n = q.gather(-2, at.expand(*n.shape, 1, vocab))
+    x_n = x.gather(-2, at)
+    q_n = torch.where(impossible.gather(-1, at[..., 0])[..., None], torch.zeros_like(q_n).scatter_(-1, x_n, 1.0), q_n)
+    residual = (p_n - q_n).clamp_min_(0.0)
+    # After k acceptances, or where p == q leaves nothing (a rejection there has probability 0): p itself.
+    use_p = (n == k)[..., None, None] | (residual.sum(-1, keepdim=True) <= 0)
+    return n, draw(torch.where(use_p, p_n, residual).squeeze(-2), generator)
 
 
 def verify_sampled(

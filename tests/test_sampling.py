@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tandem.sampling import SamplingParams, draft_distribution, make_generator, sample, target_probs
+from tandem import sampling
+from tandem.sampling import SamplingParams, draft_distribution, draw, make_generator, sample, target_probs
 
 
 def reference_probs(logits: np.ndarray, t: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
@@ -57,6 +58,48 @@ def test_target_probs_matches_reference(setting: tuple[float, int, float, float]
         want = reference_probs(logits[row].numpy(), *setting)
         np.testing.assert_allclose(got[row].numpy(), want, atol=1e-5)
         assert (got[row].numpy() > 0).tolist() == (want > 0).tolist()
+
+
+def test_top_p_window_keeps_what_the_full_sort_keeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Peaked rows end their prefix inside the first window, broader ones in the second; flat rows and a
+    # tie across the prefix's end are sorted, alone or beside rows a window settled. All must keep
+    # exactly the stable sort's set.
+    sorts = []
+    monkeypatch.setattr(sampling, "_top_p_sorted", lambda p, t: sorts.append(1) or sampling_sorted(p, t))
+    gen = torch.Generator().manual_seed(0)
+    vocab = 2 * sampling.TOP_P_WINDOWS[-1]
+    cases = [torch.randn(3, vocab, generator=gen) * scale for scale in (0.3, 3.0, 10.0, 30.0)]
+    cases.append((torch.randn(3, vocab, generator=gen) * 8).round())  # many exact ties
+    tie = torch.full((1, vocab), -20.0)
+    tie[0, :4] = 5.0  # four equal tokens, each a quarter: top-p 0.6 keeps three, chosen by id
+    cases.append(tie)
+    cases.append(torch.stack([torch.cat([cases[3][:2], cases[0][:1]]), torch.cat([tie, cases[1][:2]])]))  # mixed
+    windowed = 0
+    for logits, top_p in itertools.product(cases, (0.3, 0.6, 0.9, 0.99)):
+        probs = sampling._softmax_(logits.clone())
+        want = probs.masked_fill(sampling_sorted(probs, top_p), 0.0)
+        before = len(sorts)
+        sampling._top_p_(probs, top_p)
+        assert torch.equal(probs, want)
+        windowed += len(sorts) == before
+    assert 0 < windowed < len(cases) * 4  # both paths ran
+    assert (target_probs(tie, SamplingParams(1.0, top_p=0.6))[0, :5] > 0).tolist() == [True] * 3 + [False] * 2
+
+
+sampling_sorted = sampling._top_p_sorted
+
+
+def test_draw_follows_each_rows_weights_and_never_a_zero() -> None:
+    weights = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 2.0, 0.0, 0.0], [1e-30, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 1.0]])
+    g = make_generator(3)
+    drawn = torch.stack([draw(weights, g) for _ in range(4000)])  # [4000, 4]
+    assert drawn.dtype == torch.long and drawn.shape == (4000, 4)
+    for row in range(4):
+        counts = np.bincount(drawn[:, row].numpy(), minlength=4) / 4000
+        want = (weights[row] / weights[row].sum()).numpy()
+        assert (counts[want == 0] == 0).all()
+        np.testing.assert_allclose(counts, want, atol=0.03)
+    assert torch.equal(draw(weights, make_generator(9)), draw(weights, make_generator(9)))
 
 
 def test_target_probs_is_vectorised_over_leading_dims() -> None:
