@@ -7,14 +7,16 @@ plus, for a verify block of k >= 1 drafts, a gap and a slope per draft, tracked 
 node-reported compute; acceptance as Beta counts, a global prior per kind of decoding (greedy and sampled
 requests accept at different rates: a sampled one checks its draft against a distribution, not an argmax),
 shrunk toward the pooled estimate, plus each request's own counts; and what rounds cost beyond all that,
-as EWMAs of each round's wall time minus the model's, apart for target-only rounds, speculative ones and,
+as EWMAs of each round's wall time minus the model's (with the round's own target call in place of the
+filter's estimate of it), apart for target-only rounds, speculative ones and,
 pipelined, rounds whose block was drafted ahead and target-only rounds with a call ahead (the model's blind
 spots: the draft catching up after target-only stretches, the coordinator's own work, two nodes on one GPU).
 choose_k maximises predicted tokens/s; in pipelined mode, leaving the target alone while the draft drafts
 ahead of it (cost_model.predraft_throughputs) is one more choice, handed to the loop as RequestState.ahead.
 
 Two kinds of exploration keep the estimates alive. While speculating, every dither_every-th round
-drafts one token more or fewer, so the linear fits keep seeing more than one k. While the target
+drafts one token more or fewer, so the fits keep seeing more than one k, and every fourth such round is
+a decode step: where k = 0 never ran, the filter could not tell its level from its gap. While the target
 runs alone (k = 0) nothing is learnt about acceptance, so target-only rounds earn "probe credit" at
 probe_budget of each round's time, spent on a round at the best k > 0 once the credit covers that
 round's predicted loss; once the round is timed, the credit pays what it really lost. So the probes cost
@@ -236,6 +238,7 @@ class Tuner:
         self.probe_credit = 0.0  # seconds of throughput probes may still lose (negative: overspent)
         self._probe_loss: float | None = None  # the predicted loss of the probe in flight, until it is timed
         self._costs: Costs | None = None  # costs(), until the next measurement changes it
+        self._last_verify: tuple[int, float] | None = None  # (k, compute) of the latest target call
         self._costs_stale = True
 
     # -- measurements ---------------------------------------------------------------------------
@@ -267,6 +270,7 @@ class Tuner:
         """A target call that verified k draft tokens (k + 1 positions; k = 0: a decode step)."""
         self._costs_stale = True
         self.target_fit.add(k, compute_s)
+        self._last_verify = (k, compute_s)
         if wall_s is not None:
             self.rtt_target = self._rtt(self.rtt_target, wall_s, compute_s)
 
@@ -291,6 +295,14 @@ class Tuner:
             return
         a = self.alpha() if alpha is None else alpha
         bare = replace(costs, round_overhead=0.0, spec_overhead=0.0, ready_overhead=0.0, ahead_overhead=0.0)
+        if self._last_verify is not None and self._last_verify[0] == k:
+            # The round's own target call, not the filter's estimate of it: a slow spell of the target is the
+            # filter's to follow, and one that leaked into these overheads outlived it where k = 0 was rare
+            # (the demo pair: a round_overhead of 1.4 ms held for ~250 speculative rounds after the target
+            # recovered, k = 0 looking 10% dearer than it was).
+            y = self._last_verify[1]
+            bare = replace(bare, decode=y) if k == 0 else replace(bare, verify_intercept=y - bare.verify_slope * k)
+        self._last_verify = None
         base = round_time(bare, k, mode, a) if ready is None else round_as_run(bare, k, ahead, ready, float(held))
         extra = min(wall_s - base, 2.0 * base)  # one stall (GC, a slow client) must not swamp the estimate
         self._costs_stale = True
@@ -455,8 +467,9 @@ class Tuner:
 
     def _dither(self, request: RequestState, k: int, cap: int) -> int:
         if self.dither_every and request.rounds % self.dither_every == self.dither_every - 1:
-            step = 1 if (request.rounds // self.dither_every) % 2 == 0 else -1
-            k = min(max(k + step, 0), cap)
+            cycle = request.rounds // self.dither_every
+            step = 1 if cycle % 2 == 0 else -1
+            k = 0 if cycle % 4 == 3 else min(max(k + step, 0), cap)
         return k
 
     def _speculating(self, request: RequestState) -> None:

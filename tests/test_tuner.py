@@ -28,6 +28,7 @@ class World:
     gap: float = 0.0  # a verify block's cost over a decode step's at k -> 0, / target step (another kernel path)
     shared: float = 0.0  # wall time a call ahead adds to a round (both nodes on one GPU, say)
     drift: float = 0.0  # the target's compute swings by this fraction, a slow wave over DRIFT_ROUNDS rounds
+    spells: tuple[tuple[int, int, float], ...] = ()  # (first round, end, factor): the target slowed for a while
 
     @property
     def per_token(self) -> float:
@@ -61,6 +62,7 @@ def draft_call(world: World, m: int, nz: np.ndarray) -> tuple[float, float]:
 
 def verify_call(world: World, k: int, nz: np.ndarray, i: int) -> tuple[float, float]:
     speed = 1.0 + world.drift * math.sin(2 * math.pi * i / DRIFT_ROUNDS)
+    speed *= math.prod(f for start, end, f in world.spells if start <= i < end)
     compute = (STEP + (world.gap * STEP if k else 0.0) + world.slope * STEP * k) * nz[2] * speed
     return compute, compute + RTT_TARGET * nz[3]
 
@@ -195,6 +197,25 @@ def test_tuner_follows_a_target_whose_speed_drifts(mode: str) -> None:
         ahead = [predraft_goodput(world, a, trace, WARMUP) for a in range(1, MAX_K + 1)] if mode == "pipelined" else []
         ratios.append(tuned(world, trace, mode, WARMUP)[0] / max(fixed + ahead))
     low = [f"{w}: {r:.3f}" for w, r in zip(WORLDS, ratios, strict=True) if r < 0.95]
+    assert not low, low
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sequential", "pipelined"])
+def test_a_slow_spell_of_the_target_does_not_outlive_it(mode: str) -> None:
+    """Near break-even, the target slows 1.8-2x for a while (another process on its cores): drafting may
+    pay during the spell, not after it. Overheads priced against the filter's estimate of each call kept
+    the spell after it was over (0.94x the best fixed k here, drafting in 21-72% of the 500 rounds after it)."""
+    low = []
+    for alpha, ratio, slope, gap in ((0.46, 0.25, 0.12, 0.15), (0.46, 0.2, 0.1, 0.1), (0.4, 0.2, 0.1, 0.1)):
+        for spells in (((600, 700, 1.8),), ((600, 640, 2.0), (1200, 1260, 1.6))):
+            world = World(alpha, ratio, slope, 0.001, gap=gap, spells=spells)
+            for seed in range(4):
+                trace = make_trace(world, WARMUP + MEASURED, seed=seed)
+                fixed = [fixed_goodput(world, k, trace, mode, WARMUP) for k in range(5)]
+                r = tuned(world, trace, mode, WARMUP)[0] / max(fixed)
+                if r < 0.95:
+                    low.append(f"{world} seed {seed}: {r:.3f}")
     assert not low, low
 
 
