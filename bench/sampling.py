@@ -12,9 +12,8 @@ same process: the forward of k + 1 tokens, torch.multinomial for the draw and a 
 from __future__ import annotations
 
 import argparse
-import statistics
+import itertools
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.engine import median_ms
 from coordinator.cli import demo_target
 from tandem.acceptance import verify_greedy, verify_sampled
 from tandem.engine.gguf_file import read_gguf
@@ -38,15 +38,14 @@ TEXT = (
 )
 
 
-def median_ms(fn: Callable[[int], object], reps: int) -> float:
-    for i in range(5):
-        fn(i)
-    times = []
-    for i in range(reps):
-        t = time.perf_counter()
-        fn(i)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+def rotating(fn: Callable[[int], object]) -> Callable[[], None]:
+    """fn(0), fn(1), ... one call at a time: median_ms times a call that takes no arguments."""
+    calls = itertools.count()
+
+    def call() -> None:
+        fn(next(calls))
+
+    return call
 
 
 def main() -> None:
@@ -62,7 +61,7 @@ def main() -> None:
     eng = load_engine(path, dtype="bfloat16", weights="quantized", threads=args.threads)  # a node's defaults
     ids = Tokenizer.from_gguf(read_gguf(path).metadata).encode(TEXT)
     seq = eng.new_sequence(len(ids) + 16)
-    logits = seq.forward(ids, all_logits=True).float()  # [n, V]: what the model predicts at each position
+    logits = seq.forward(ids, all_logits=True)  # [n, V]: what the model predicts at each position
     n, vocab = logits.shape
     plain, top_p = SamplingParams(temperature=0.7), SamplingParams(temperature=0.7, top_p=0.9)
     g = torch.Generator().manual_seed(0)
@@ -78,7 +77,7 @@ def main() -> None:
     seq.truncate(len(ids) - 16)
     for k in KS:
         blocks = [block(i, k) for i in range(32)]
-        fwd = median_ms(lambda i, k=k: (seq.forward(ids[-16 : -16 + k + 1]), seq.truncate(len(ids) - 16)), args.reps)
+        fwd = median_ms(lambda k=k: (seq.forward(ids[-16 : -16 + k + 1]), seq.truncate(len(ids) - 16)), args.reps)
         cells = []
         for params in (None, plain, top_p):
 
@@ -88,15 +87,15 @@ def main() -> None:
                     return verify_greedy(rows, toks)
                 return verify_sampled(rows, toks, q, params, g)
 
-            cells.append(median_ms(rule, args.reps))
+            cells.append(median_ms(rotating(rule), args.reps))
         print(f"{k:>2} {fwd:8.2f} " + " ".join(f"{c:8.3f}" for c in cells) + f" {cells[2] / fwd:8.2f}")
 
     probs = _softmax_(logits / 0.7)
-    ours = median_ms(lambda i: draw(probs[i % n], g), args.reps)
-    theirs = median_ms(lambda i: torch.multinomial(probs[i % n], 1, generator=g), args.reps)
+    ours = median_ms(rotating(lambda i: draw(probs[i % n], g)), args.reps)
+    theirs = median_ms(rotating(lambda i: torch.multinomial(probs[i % n], 1, generator=g)), args.reps)
     print(f"one draw over the vocabulary: ours {ours:.3f} ms, torch.multinomial {theirs:.3f} ms ({theirs / ours:.1f}x)")
-    window = median_ms(lambda i: _top_p_(probs[i % n].clone(), 0.9), args.reps)
-    full = median_ms(lambda i: probs[i % n].masked_fill(_top_p_sorted(probs[i % n], 0.9), 0.0), args.reps)
+    window = median_ms(rotating(lambda i: _top_p_(probs[i % n].clone(), 0.9)), args.reps)
+    full = median_ms(rotating(lambda i: probs[i % n].masked_fill(_top_p_sorted(probs[i % n], 0.9), 0.0)), args.reps)
     print(f"top-p 0.9 on one row: ours {window:.3f} ms, a full sort {full:.3f} ms ({full / window:.1f}x)")
 
 

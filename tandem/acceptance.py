@@ -88,9 +88,9 @@ def verify_probs(
     k, vocab = q.shape[-2], q.shape[-1]
     if p.shape[-2] != k + 1 or p.shape[-1] != vocab or draft_tokens.shape[-1] != k:
         raise ValueError(f"shapes disagree: p {tuple(p.shape)}, q {tuple(q.shape)}, tokens {tuple(draft_tokens.shape)}")
-    x = draft_tokens.long().unsqueeze(-1)
     if k == 0:
         return torch.zeros(p.shape[:-2], dtype=torch.long, device=p.device), draw(p[..., 0, :], generator)
+    x = draft_tokens.long().unsqueeze(-1)
     q_x = q.gather(-1, x).squeeze(-1)
     # A proposed token the draft claims it could not propose breaks the rule's premise; treating
     # that position as a deterministic proposal (q = one-hot) is exact for a draft that chose it so.

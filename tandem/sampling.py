@@ -109,7 +109,8 @@ def _top_p_(probs: Tensor, top_p: float) -> None:
         kept = ((vals.cumsum(-1) - vals) < top_p).sum(-1, keepdim=True)
         last = vals.gather(-1, kept - 1)
         ok = ((kept < window) & (last > vals.gather(-1, kept.clamp_max(window - 1)))).squeeze(-1)
-        rows[left[ok]] = sub[ok].masked_fill_(sub[ok] < last[ok], 0.0)
+        done = sub[ok]
+        rows[left[ok]] = done.masked_fill_(done < last[ok], 0.0)
         left = left[~ok]
     if len(left):
         sub = rows[left]

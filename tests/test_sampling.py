@@ -60,6 +60,9 @@ def test_target_probs_matches_reference(setting: tuple[float, int, float, float]
         assert (got[row].numpy() > 0).tolist() == (want > 0).tolist()
 
 
+sampling_sorted = sampling._top_p_sorted  # the sort itself, before a test wraps it to count calls
+
+
 def test_top_p_window_keeps_what_the_full_sort_keeps(monkeypatch: pytest.MonkeyPatch) -> None:
     # Peaked rows end their prefix inside the first window, broader ones in the second; flat rows and a
     # tie across the prefix's end are sorted, alone or beside rows a window settled. All must keep
@@ -84,9 +87,6 @@ def test_top_p_window_keeps_what_the_full_sort_keeps(monkeypatch: pytest.MonkeyP
         windowed += len(sorts) == before
     assert 0 < windowed < len(cases) * 4  # both paths ran
     assert (target_probs(tie, SamplingParams(1.0, top_p=0.6))[0, :5] > 0).tolist() == [True] * 3 + [False] * 2
-
-
-sampling_sorted = sampling._top_p_sorted
 
 
 def test_draw_follows_each_rows_weights_and_never_a_zero() -> None:

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <iterator>
 #include <string>
 #include <utility>
 #include <vector>
@@ -117,7 +118,9 @@ constexpr int kBlockChoices[3] = {1, 2, 4};
 
 template <int... I>
 constexpr std::array<std::array<TileFn, 3>, sizeof...(I)> make_tiles(std::integer_sequence<int, I...>) {
-  return {{{&tile<I + 1, 1>, &tile<I + 1, std::min(2, max_blocks(I + 1))>, &tile<I + 1, max_blocks(I + 1)>}...}};
+  return {{{&tile<I + 1, std::min(kBlockChoices[0], max_blocks(I + 1))>,
+            &tile<I + 1, std::min(kBlockChoices[1], max_blocks(I + 1))>,
+            &tile<I + 1, std::min(kBlockChoices[2], max_blocks(I + 1))>}...}};
 }
 const auto kTiles = make_tiles(std::make_integer_sequence<int, kMaxTile>{});
 
@@ -175,9 +178,9 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   TORCH_CHECK(0 < n && n <= n_blocks * kRows,
               "int4_mm: " + std::to_string(n) + " output rows from " + std::to_string(n_blocks) + " blocks");
 
-  TORCH_CHECK(blocks == 1 || blocks == 2 || blocks == 4,
-              "int4_mm: blocks must be 1, 2 or 4, got " + std::to_string(blocks));
-  const int choice = blocks == 1 ? 0 : blocks == 2 ? 1 : 2;
+  const int choice = static_cast<int>(std::find(std::begin(kBlockChoices), std::end(kBlockChoices), blocks) -
+                                      std::begin(kBlockChoices));
+  TORCH_CHECK(choice < 3, "int4_mm: blocks must be 1, 2 or 4, got " + std::to_string(blocks));
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({M, n}, x.options());
   if (M == 0) return y;
