@@ -234,7 +234,7 @@ SAMPLING = {
     "narrow-t1.0-sequential-k3": (SamplingParams(temperature=1.0), "sequential", 3),  # a draft with a cut head
     "t1.0-pipelined-ahead2": (SamplingParams(temperature=1.0), "pipelined", None),  # draft_ahead_always(c, 2)
 }
-GENERATIONS = 150
+GENERATIONS = 300  # 150 left the first-token check at the mercy of one unlucky window of seeds
 LENGTH = 8
 
 
