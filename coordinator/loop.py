@@ -711,7 +711,7 @@ class Coordinator:
         sp = req.sampling
         stats.mode, stats.k_policy = mode, "auto" if policy is None else str(policy)
         stats.prompt_tokens = len(req.prompt)
-        state: RequestState = tuner.new_request(greedy=req.sampling.greedy)
+        state: RequestState = tuner.new_request(greedy=req.sampling.greedy, mode=mode)
         draft = self.draft if policy != 0 else None
         use_draft = draft is not None  # False once the draft refused this request
         sid = uuid.uuid4().hex

@@ -4,9 +4,12 @@ Measurements feed the cost model (tandem.cost_model): draft compute as overhead 
 exponentially forgotten least squares; the target's compute per call as a level (its decode step, k = 0)
 plus, for a verify block of k >= 1 drafts, a gap and a slope per draft, tracked by a Kalman filter
 (StepFilter) in which every call moves the level; link times as EWMAs of reply wall time minus
-node-reported compute; acceptance as Beta counts, a global prior per kind of decoding (greedy and sampled
-requests accept at different rates: a sampled one checks its draft against a distribution, not an argmax),
-shrunk toward the pooled estimate, plus each request's own counts; and what rounds cost beyond all that,
+node-reported compute; acceptance as Beta counts, a global prior per kind of request, shrunk toward the
+pooled estimate, plus each request's own counts. Kinds accept at different rates: a sampled request checks
+its draft against a distribution, not an argmax, and a pipelined one's blocks drafted ahead follow a guess
+that held, where drafts accept more than a round's first (the demo pair at T = 0.7: 0.34 at a block's
+first position, 0.45 at its second), so one prior for both modes led sequential requests to draft at k = 1
+where it lost; and what rounds cost beyond all that,
 as EWMAs of each round's wall time minus the model's (with the round's own target call in place of the
 filter's estimate of it), apart for target-only rounds, speculative ones and,
 pipelined, rounds whose block was drafted ahead and target-only rounds with a call ahead (the model's blind
@@ -182,6 +185,7 @@ class RequestState:
     """One request's acceptance counts and exploration state."""
 
     greedy: bool = True
+    mode: Mode = "sequential"
     accepted: float = 0.0
     rejected: float = 0.0
     probe_in: int = 0  # target-only rounds expected before the next probe (0 while drafting)
@@ -231,7 +235,8 @@ class Tuner:
         self.extra_ready: float | None = None  # the same, k > 0 with the block drafted ahead (pipelined)
         self.extra_ahead: float | None = None  # the same, k = 0 with a draft call ahead (pipelined)
         self.n_alone = self.n_spec = self.n_ready = self.n_ahead = 0  # rounds behind each
-        self.global_counts = {True: [0.0, 0.0], False: [0.0, 0.0]}  # greedy -> [accepted, rejected]
+        # (greedy, mode) -> [accepted, rejected]
+        self.global_counts = {(g, m): [0.0, 0.0] for g in (True, False) for m in ("sequential", "pipelined")}
         self.rounds = 0
         self.alone_rounds = 0  # target-only choices in a row, across requests
         self.alone_limit = MAX_ALONE_ROUNDS  # ... before a probe however costly
@@ -243,8 +248,8 @@ class Tuner:
 
     # -- measurements ---------------------------------------------------------------------------
 
-    def new_request(self, greedy: bool = True) -> RequestState:
-        return RequestState(greedy=greedy)
+    def new_request(self, greedy: bool = True, mode: Mode = "sequential") -> RequestState:
+        return RequestState(greedy=greedy, mode=mode)
 
     def _rtt(self, old: float | None, wall_s: float, compute_s: float) -> float:
         """Smoothed; like the fits' samples, one far below the estimate replaces it, one far above is capped."""
@@ -343,7 +348,7 @@ class Tuner:
             return
         rejected = 1.0 if n_accepted < k else 0.0
         g, r = self.global_decay, self.request_decay
-        counts = self.global_counts[request.greedy]
+        counts = self.global_counts[request.greedy, request.mode]
         counts[0] = g * counts[0] + n_accepted
         counts[1] = g * counts[1] + rejected
         request.accepted = r * request.accepted + n_accepted
@@ -367,22 +372,22 @@ class Tuner:
 
     # -- estimates ------------------------------------------------------------------------------
 
-    def global_alpha(self, greedy: bool | None = None) -> float:
-        """All requests' acceptance rate (None), or that of greedy or sampled ones, shrunk toward it."""
+    def global_alpha(self, request: RequestState | None = None) -> float:
+        """All requests' acceptance rate (None), or that of the request's kind, shrunk toward it."""
         s = self.prior_strength
         a = sum(c[0] for c in self.global_counts.values())
         r = sum(c[1] for c in self.global_counts.values())
         pooled = (a + s * self.prior_alpha) / (a + r + s)
-        if greedy is None:
+        if request is None:
             return pooled
-        a, r = self.global_counts[greedy]
+        a, r = self.global_counts[request.greedy, request.mode]
         return (a + s * pooled) / (a + r + s)
 
     def alpha(self, request: RequestState | None = None) -> float:
         """Posterior mean acceptance rate: the request's counts over its kind's global estimate as prior."""
         if request is None:
             return self.global_alpha()
-        g = self.global_alpha(request.greedy)
+        g = self.global_alpha(request)
         s = self.request_prior_strength
         return (request.accepted + s * g) / (request.accepted + request.rejected + s)
 

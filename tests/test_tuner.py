@@ -413,7 +413,21 @@ def test_greedy_and_sampled_requests_learn_their_own_acceptance() -> None:
     other = Tuner(prior_alpha=0.5, prior_strength=8.0)
     for _ in range(200):
         other.record_acceptance(other.new_request(greedy=True), 4, 4)
-    assert other.global_alpha(greedy=False) == pytest.approx(other.global_alpha())
+    assert other.global_alpha(other.new_request(greedy=False)) == pytest.approx(other.global_alpha())
+
+
+def test_sequential_requests_do_not_inherit_pipelined_acceptance() -> None:
+    """A pipelined request's blocks drafted ahead follow a guess that held and accept more than a round's first
+    draft; a new sequential request must start from what sequential rounds accepted."""
+    tuner = Tuner(prior_alpha=0.5, prior_strength=8.0)
+    piped, seq = tuner.new_request(greedy=False, mode="pipelined"), tuner.new_request(greedy=False)
+    for i in range(300):
+        tuner.record_acceptance(piped, 3, 3 if i % 2 else 1)
+        tuner.record_acceptance(seq, 1, int(i % 3 == 0))  # a third accepted
+    fresh_seq = tuner.new_request(greedy=False, mode="sequential")
+    fresh_piped = tuner.new_request(greedy=False, mode="pipelined")
+    assert tuner.alpha(fresh_seq) == pytest.approx(1 / 3, abs=0.03)
+    assert tuner.alpha(fresh_piped) > 0.6
 
 
 def test_linear_fit_recovers_line_and_uses_prior_when_flat() -> None:
