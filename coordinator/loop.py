@@ -39,7 +39,7 @@ from typing import Any, Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from coordinator.tuner import RequestState, Tuner
-from tandem.cost_model import expected_tokens, round_as_run
+from tandem.cost_model import all_held, expected_tokens, round_as_run
 from tandem.engine.tokenizer import StreamDecoder, Tokenizer
 from tandem.sampling import SamplingParams
 from tandem.wire.client import NodeClient, connect
@@ -788,7 +788,7 @@ class Coordinator:
                                 use_draft = not self._draft_failed(stats, exc, k) and use_draft
                                 stats.fallback_rounds += 1
                                 block, dists, k = [], [], 0
-                    alpha = tuner.alpha(state)
+                    alpha, later = tuner.alpha(state), tuner.later(state)
                     t_round = time.perf_counter()
                     vtask = asyncio.ensure_future(self._verify(stats, sid, ctx, t_held, block, dists, sp))
                     vtask.add_done_callback(_consume)
@@ -814,8 +814,8 @@ class Coordinator:
                             stats.pipeline_bets += 1
                             ahead.add_done_callback(_consume)
                     if (costs := tuner.costs()) is not None:
-                        stats.predicted_tokens += expected_tokens(alpha, k)
-                        stats.predicted_time += round_as_run(costs, k, k2, ready, alpha**k)
+                        stats.predicted_tokens += expected_tokens(alpha, k, later)
+                        stats.predicted_time += round_as_run(costs, k, k2, ready, all_held(alpha, k, later))
                     # The tuner drafting (or not asked): every CATCH_UP tokens, or at once where it wants to draft
                     # ahead; it waiting to probe: just before.
                     if state.probe_in == 0:
@@ -868,7 +868,7 @@ class Coordinator:
                     tuner.record_verify(k, vrep.timing.compute_ns / 1e9, vwall)
                     tuner.record_acceptance(state, k, n)
                     now = time.perf_counter()
-                    tuner.record_round_time(k, now - t_prev, mode, alpha, ready=ready, ahead=k2, held=n == k)
+                    tuner.record_round_time(k, now - t_prev, mode, alpha, later, ready=ready, ahead=k2, held=n == k)
                     t_prev = now
                     stats.rounds += 1
                     stats.k_hist[k] += 1

@@ -4,8 +4,10 @@ Measurements feed the cost model (tandem.cost_model): draft compute as overhead 
 exponentially forgotten least squares; the target's compute per call as a level (its decode step, k = 0)
 plus, for a verify block of k >= 1 drafts, a gap and a slope per draft, tracked by a Kalman filter
 (StepFilter) in which every call moves the level; link times as EWMAs of reply wall time minus
-node-reported compute; acceptance as Beta counts, a global prior per kind of request, shrunk toward the
-pooled estimate, plus each request's own counts. Kinds accept at different rates: a sampled request checks
+node-reported compute; acceptance as Beta counts, apart for a block's first draft and for the later ones
+(deeper drafts accept more: cost_model), a global prior per kind of request, shrunk toward the pooled
+estimate, plus each request's own counts; the later drafts' rate starts at the first's (the geometric
+model) and moves off it as blocks of several drafts are seen. Kinds accept at different rates: a sampled request checks
 its draft against a distribution, not an argmax, and a pipelined one's blocks drafted ahead follow a guess
 that held, where drafts accept more than a round's first (the demo pair at T = 0.7: 0.34 at a block's
 first position, 0.45 at its second), so one prior for both modes led sequential requests to draft at k = 1
@@ -186,8 +188,10 @@ class RequestState:
 
     greedy: bool = True
     mode: Mode = "sequential"
-    accepted: float = 0.0
+    accepted: float = 0.0  # a block's first draft
     rejected: float = 0.0
+    later_accepted: float = 0.0  # the drafts after it, once those before them held
+    later_rejected: float = 0.0
     probe_in: int = 0  # target-only rounds expected before the next probe (0 while drafting)
     rounds: int = 0
     ahead: int = 0  # pipelined: tokens to draft ahead past a guess while the target runs alone (0: none)
@@ -235,8 +239,9 @@ class Tuner:
         self.extra_ready: float | None = None  # the same, k > 0 with the block drafted ahead (pipelined)
         self.extra_ahead: float | None = None  # the same, k = 0 with a draft call ahead (pipelined)
         self.n_alone = self.n_spec = self.n_ready = self.n_ahead = 0  # rounds behind each
-        # (greedy, mode) -> [accepted, rejected]
-        self.global_counts = {(g, m): [0.0, 0.0] for g in (True, False) for m in ("sequential", "pipelined")}
+        # (greedy, mode) -> [accepted, rejected] of first drafts, then of later ones
+        kinds = [(g, m) for g in (True, False) for m in ("sequential", "pipelined")]
+        self.global_counts = {kind: [0.0, 0.0, 0.0, 0.0] for kind in kinds}
         self.rounds = 0
         self.alone_rounds = 0  # target-only choices in a row, across requests
         self.alone_limit = MAX_ALONE_ROUNDS  # ... before a probe however costly
@@ -285,6 +290,7 @@ class Tuner:
         wall_s: float,
         mode: Mode = "sequential",
         alpha: float | None = None,
+        later: float | None = None,
         *,
         ready: bool | None = None,
         ahead: int = 0,
@@ -294,11 +300,12 @@ class Tuner:
         counts). Its excess over the model's calls feeds round_overhead or one of the other overheads.
         Pipelined, `ready` says whether the block was drafted ahead, `ahead` how many tokens the draft
         drafted ahead during this round and `held` whether all k drafts held (the call ahead was waited
-        for); with ready None the round is priced at the mode's expectation."""
+        for); with ready None the round is priced at the mode's expectation. alpha, later: the acceptance
+        rates the round was chosen with (default: the global estimates)."""
         costs = self.costs()
         if costs is None:
             return
-        a = self.alpha() if alpha is None else alpha
+        a, b = (self.alpha(), self.later()) if alpha is None else (alpha, later)
         bare = replace(costs, round_overhead=0.0, spec_overhead=0.0, ready_overhead=0.0, ahead_overhead=0.0)
         if self._last_verify is not None and self._last_verify[0] == k:
             # The round's own target call, not the filter's estimate of it: a slow spell of the target is the
@@ -308,11 +315,11 @@ class Tuner:
             y = self._last_verify[1]
             bare = replace(bare, decode=y) if k == 0 else replace(bare, verify_intercept=y - bare.verify_slope * k)
         self._last_verify = None
-        base = round_time(bare, k, mode, a) if ready is None else round_as_run(bare, k, ahead, ready, float(held))
+        base = round_time(bare, k, mode, a, b) if ready is None else round_as_run(bare, k, ahead, ready, float(held))
         extra = min(wall_s - base, 2.0 * base)  # one stall (GC, a slow client) must not swamp the estimate
         self._costs_stale = True
         if k and self._probe_loss is not None:  # a probe: pay what it lost beyond the prediction
-            lost = wall_s - expected_tokens(a, k) * round_time(costs, 0, mode)
+            lost = wall_s - expected_tokens(a, k, b) * round_time(costs, 0, mode)
             self.probe_credit -= lost - self._probe_loss
             self._probe_loss = None
         # The mean of the first rounds, then an EWMA: where speculation does not pay, speculative rounds are
@@ -337,8 +344,9 @@ class Tuner:
     def record_acceptance(self, request: RequestState, k: int, n_accepted: int) -> None:
         """n_accepted of k proposed; a round that stops short also saw one rejection.
 
-        Under a per-token acceptance rate alpha a round has likelihood alpha^n (1 - alpha)^[n < k],
-        so the counts (accepted, rejected) are sufficient and Beta priors stay conjugate.
+        With the first draft accepted at rate alpha and each later one at `later`, a round has likelihood
+        alpha^[n > 0] (1 - alpha)^[n = 0] later^(n - 1) (1 - later)^[0 < n < k], so the two pairs of
+        counts are sufficient and Beta priors stay conjugate.
         """
         if not 0 <= n_accepted <= k:
             raise ValueError(f"n_accepted {n_accepted} outside [0, k={k}]")
@@ -346,13 +354,18 @@ class Tuner:
         request.rounds += 1
         if k == 0:
             return
-        rejected = 1.0 if n_accepted < k else 0.0
+        first = 1.0 if n_accepted else 0.0
+        more = float(max(n_accepted - 1, 0))
+        stop = 1.0 if 0 < n_accepted < k else 0.0
         g, r = self.global_decay, self.request_decay
-        counts = self.global_counts[request.greedy, request.mode]
-        counts[0] = g * counts[0] + n_accepted
-        counts[1] = g * counts[1] + rejected
-        request.accepted = r * request.accepted + n_accepted
-        request.rejected = r * request.rejected + rejected
+        c = self.global_counts[request.greedy, request.mode]
+        c[0], c[1] = g * c[0] + first, g * c[1] + 1.0 - first
+        request.accepted = r * request.accepted + first
+        request.rejected = r * request.rejected + 1.0 - first
+        if n_accepted:
+            c[2], c[3] = g * c[2] + more, g * c[3] + stop
+            request.later_accepted = r * request.later_accepted + more
+            request.later_rejected = r * request.later_rejected + stop
 
     def record_round(
         self,
@@ -372,24 +385,37 @@ class Tuner:
 
     # -- estimates ------------------------------------------------------------------------------
 
-    def global_alpha(self, request: RequestState | None = None) -> float:
-        """All requests' acceptance rate (None), or that of the request's kind, shrunk toward it."""
-        s = self.prior_strength
-        a = sum(c[0] for c in self.global_counts.values())
-        r = sum(c[1] for c in self.global_counts.values())
-        pooled = (a + s * self.prior_alpha) / (a + r + s)
+    def global_alpha(self, request: RequestState | None = None, later: bool = False) -> float:
+        """All requests' acceptance rate of a first draft (None), or that of the request's kind, shrunk toward
+        it; later: the rate of later drafts, shrunk toward the first's."""
+        s, counts = self.prior_strength, self.global_counts.values()
+        a, r = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        first = (a + s * self.prior_alpha) / (a + r + s)
+        if request is not None:
+            a, r = self.global_counts[request.greedy, request.mode][:2]
+            first = (a + s * first) / (a + r + s)
+        if not later:
+            return first
         if request is None:
-            return pooled
-        a, r = self.global_counts[request.greedy, request.mode]
-        return (a + s * pooled) / (a + r + s)
+            a, r = sum(c[2] for c in counts), sum(c[3] for c in counts)
+        else:
+            a, r = self.global_counts[request.greedy, request.mode][2:]
+        return (a + s * first) / (a + r + s)
 
     def alpha(self, request: RequestState | None = None) -> float:
-        """Posterior mean acceptance rate: the request's counts over its kind's global estimate as prior."""
+        """Posterior mean acceptance rate of a first draft: the request's counts over its kind's global
+        estimate as prior."""
         if request is None:
             return self.global_alpha()
-        g = self.global_alpha(request)
         s = self.request_prior_strength
-        return (request.accepted + s * g) / (request.accepted + request.rejected + s)
+        return (request.accepted + s * self.global_alpha(request)) / (request.accepted + request.rejected + s)
+
+    def later(self, request: RequestState | None = None) -> float:
+        """The same for each later draft of a block, once those before it held."""
+        if request is None:
+            return self.global_alpha(later=True)
+        s, g = self.request_prior_strength, self.global_alpha(request, later=True)
+        return (request.later_accepted + s * g) / (request.later_accepted + request.later_rejected + s)
 
     def costs(self) -> Costs | None:
         """The cost model's terms as measured; computed again only after a new measurement (the loop asks
@@ -427,10 +453,10 @@ class Tuner:
         costs = self.costs()
         if costs is None:
             return None
-        alpha = self.alpha(request)
+        alpha, later = self.alpha(request), self.later(request)
         if k is None:
-            return best_plan(alpha, costs, mode, self.max_k)[2]
-        return tokens_per_second(alpha, k, costs, mode)
+            return best_plan(alpha, costs, mode, self.max_k, later)[2]
+        return tokens_per_second(alpha, k, costs, mode, later)
 
     # -- decision -------------------------------------------------------------------------------
 
@@ -442,10 +468,10 @@ class Tuner:
         costs = self.costs()
         if costs is None:
             return min(self.initial_k, cap)
-        alpha = self.alpha(request)
-        tps = throughputs(alpha, costs, mode, cap)
+        alpha, later = self.alpha(request), self.later(request)
+        tps = throughputs(alpha, costs, mode, cap, later)
         k = tps.index(max(tps))
-        if j := self._ahead(costs, alpha, tps, mode, cap):
+        if j := self._ahead(costs, alpha, later, tps, mode, cap):
             self._speculating(request)
             request.ahead = max(1, self._dither(request, j, cap))
             return 0
@@ -455,7 +481,7 @@ class Tuner:
             # Earn credit while the target runs alone; spend it on a probe at the best k > 0 once it
             # covers that round's predicted loss against making the same tokens at k = 0. Near
             # break-even the loss is small and probes come often; hopeless drafts are rarely tried.
-            probe, loss, earn = self._probe(costs, alpha, tps, mode)
+            probe, loss, earn = self._probe(costs, alpha, later, tps, mode)
             self.probe_credit += earn
             self.alone_rounds += 1
             if self.probe_credit >= loss or self.alone_rounds >= self.alone_limit:
@@ -481,11 +507,11 @@ class Tuner:
         self.probe_credit, request.probe_in = 0.0, 0
         self.alone_rounds, self.alone_limit = 0, MAX_ALONE_ROUNDS
 
-    def _ahead(self, costs: Costs, alpha: float, tps: list[float], mode: Mode, cap: int) -> int:
+    def _ahead(self, costs: Costs, alpha: float, later: float, tps: list[float], mode: Mode, cap: int) -> int:
         """Pipelined: the length to draft ahead of target-only rounds, if that beats every k (else 0)."""
         if mode != "pipelined" or cap == 0:
             return 0
-        pre = predraft_throughputs(alpha, costs, cap)
+        pre = predraft_throughputs(alpha, costs, cap, later)
         j = pre.index(max(pre))
         return j if j and pre[j] > max(tps) else 0
 
@@ -495,18 +521,20 @@ class Tuner:
         costs = self.costs()
         if costs is None or self.max_k == 0:
             return costs is None
-        alpha = self.alpha(request)
-        tps = throughputs(alpha, costs, mode, self.max_k)
-        if tps.index(max(tps)) > 0 or self._ahead(costs, alpha, tps, mode, self.max_k):
+        alpha, later = self.alpha(request), self.later(request)
+        tps = throughputs(alpha, costs, mode, self.max_k, later)
+        if tps.index(max(tps)) > 0 or self._ahead(costs, alpha, later, tps, mode, self.max_k):
             return True
-        _, loss, earn = self._probe(costs, alpha, tps, mode)
+        _, loss, earn = self._probe(costs, alpha, later, tps, mode)
         return self._rounds_to_probe(loss, earn) <= within
 
-    def _probe(self, costs: Costs, alpha: float, tps: list[float], mode: Mode) -> tuple[int, float, float]:
+    def _probe(
+        self, costs: Costs, alpha: float, later: float, tps: list[float], mode: Mode
+    ) -> tuple[int, float, float]:
         """(the k a probe drafts, its predicted loss against k = 0, the credit a target-only round earns)."""
         t0 = round_time(costs, 0, mode)
         probe = tps.index(max(tps[1:]), 1)
-        loss = round_time(costs, probe, mode, alpha) - expected_tokens(alpha, probe) * t0
+        loss = round_time(costs, probe, mode, alpha, later) - expected_tokens(alpha, probe, later) * t0
         return probe, loss, self.probe_budget * t0
 
     def _rounds_to_probe(self, loss: float, earn: float) -> int:
@@ -517,10 +545,10 @@ class Tuner:
 
     def summary(self, request: RequestState | None = None, mode: Mode = "sequential") -> dict[str, float]:
         """Current estimates, for logs and metrics."""
-        out: dict[str, float] = {"alpha": self.alpha(request)}
+        out: dict[str, float] = {"alpha": self.alpha(request), "alpha_later": self.later(request)}
         costs = self.costs()
         if costs is not None:
             out.update(vars(costs))
-            k, ahead, tps = best_plan(out["alpha"], costs, mode, self.max_k)
+            k, ahead, tps = best_plan(out["alpha"], costs, mode, self.max_k, out["alpha_later"])
             out.update(best_k=k, ahead=ahead, predicted_tps=tps)
         return {key: (math.nan if v is None else float(v)) for key, v in out.items()}

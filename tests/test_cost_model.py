@@ -7,6 +7,7 @@ import pytest
 
 from tandem.cost_model import (
     Costs,
+    all_held,
     best_k,
     best_plan,
     break_even_alpha,
@@ -41,6 +42,19 @@ def test_expected_tokens() -> None:
             expected_tokens(bad, 2)
     with pytest.raises(ValueError):
         expected_tokens(0.5, -1)
+
+
+def test_later_drafts_accept_at_their_own_rate() -> None:
+    """First draft at alpha, each later one at `later` once those before it held; None is the geometric model."""
+    assert expected_tokens(0.4, 3, 0.6) == pytest.approx(1 + 0.4 + 0.4 * 0.6 + 0.4 * 0.36)
+    assert expected_tokens(0.4, 1, 0.9) == pytest.approx(1.4)
+    assert expected_tokens(0.4, 3, None) == pytest.approx(expected_tokens(0.4, 3, 0.4))
+    assert all_held(0.4, 3, 0.6) == pytest.approx(0.4 * 0.36)
+    assert all_held(0.4, 0, 0.6) == 1.0
+    with pytest.raises(ValueError):
+        expected_tokens(0.4, 2, 1.5)
+    # Deeper drafts accepting more make longer blocks worth it where one rate fitted to the first would not.
+    assert best_k(0.5, COSTS, "sequential", 16, 0.95)[0] > best_k(0.5, COSTS, "sequential", 16)[0]
 
 
 def test_round_time_sequential() -> None:
@@ -82,8 +96,9 @@ def test_throughputs_are_tokens_per_second_at_every_k() -> None:
             rng.choice(["sequential", "pipelined"]),
             rng.randrange(17),
         )
-        assert throughputs(alpha, costs, mode, max_k) == pytest.approx(
-            [tokens_per_second(alpha, k, costs, mode) for k in range(max_k + 1)], rel=1e-12
+        later = rng.choice([None, 0.0, 1.0, rng.random()])
+        assert throughputs(alpha, costs, mode, max_k, later) == pytest.approx(
+            [tokens_per_second(alpha, k, costs, mode, later) for k in range(max_k + 1)], rel=1e-12
         )
 
 
@@ -144,11 +159,12 @@ def test_predraft_throughputs_follow_the_round_times() -> None:
         overheads = (rng.uniform(-0.002, 0.002) for _ in range(3))
         decode = rng.choice([None, rng.uniform(0, 0.01)])
         costs = Costs(*(rng.uniform(0, 0.01) for _ in range(6)), *overheads, decode, rng.uniform(-0.002, 0.002))
-        alpha = rng.choice([0.0, 1.0, rng.random()])
+        alpha, later = rng.choice([0.0, 1.0, rng.random()]), rng.choice([None, rng.random()])
         want = [1 / round_as_run(costs, 0, 0, False)]
         for j in range(1, 9):
-            p = alpha / (1 - alpha ** (j + 1) + alpha) if alpha else 0.0
+            held = all_held(alpha, j, later)
+            p = alpha / (1 - held * alpha + alpha) if alpha else 0.0
             t_alone = round_as_run(costs, 0, j, False)
-            t_ready = round_as_run(costs, j, j, True, alpha**j)
-            want.append(((1 - p) + p * expected_tokens(alpha, j)) / ((1 - p) * t_alone + p * t_ready))
-        assert predraft_throughputs(alpha, costs, 8) == pytest.approx(want, rel=1e-12)
+            t_ready = round_as_run(costs, j, j, True, held)
+            want.append(((1 - p) + p * expected_tokens(alpha, j, later)) / ((1 - p) * t_alone + p * t_ready))
+        assert predraft_throughputs(alpha, costs, 8, later) == pytest.approx(want, rel=1e-12)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -414,6 +415,24 @@ def test_greedy_and_sampled_requests_learn_their_own_acceptance() -> None:
     for _ in range(200):
         other.record_acceptance(other.new_request(greedy=True), 4, 4)
     assert other.global_alpha(other.new_request(greedy=False)) == pytest.approx(other.global_alpha())
+
+
+def test_first_and_later_drafts_learn_their_own_rates() -> None:
+    """Blocks whose first draft holds a third of the time and whose later drafts then hold 0.8 of it."""
+    tuner, rng = Tuner(), random.Random(0)
+    request = tuner.new_request()
+    assert tuner.later(request) == pytest.approx(tuner.alpha(request))  # the geometric model until blocks say
+    for _ in range(600):
+        n = 0
+        if rng.random() < 1 / 3:
+            n = 1
+            while n < 4 and rng.random() < 0.8:
+                n += 1
+        tuner.record_acceptance(request, 4, n)
+    fresh = tuner.new_request()
+    assert tuner.alpha(fresh) == pytest.approx(1 / 3, abs=0.06)
+    assert tuner.later(fresh) == pytest.approx(0.8, abs=0.06)
+    assert tuner.alpha(request) == pytest.approx(1 / 3, abs=0.1) and tuner.later(request) > 0.65
 
 
 def test_sequential_requests_do_not_inherit_pipelined_acceptance() -> None:
