@@ -5,17 +5,16 @@ exponentially forgotten least squares; the target's compute per call as a level 
 plus, for a verify block of k >= 1 drafts, a gap and a slope per draft, tracked by a Kalman filter
 (StepFilter) in which every call moves the level; link times as EWMAs of reply wall time minus
 node-reported compute; acceptance as Beta counts, apart for a block's first draft and for the later ones
-(deeper drafts accept more: cost_model), a global prior per kind of request, shrunk toward the pooled
-estimate, plus each request's own counts; the later drafts' rate starts at the first's (the geometric
-model) and moves off it as blocks of several drafts are seen. Kinds accept at different rates: a sampled request checks
-its draft against a distribution, not an argmax, and a pipelined one's blocks drafted ahead follow a guess
-that held, where drafts accept more than a round's first (the demo pair at T = 0.7: 0.34 at a block's
-first position, 0.45 at its second), so one prior for both modes led sequential requests to draft at k = 1
-where it lost; and what rounds cost beyond all that,
-as EWMAs of each round's wall time minus the model's (with the round's own target call in place of the
-filter's estimate of it), apart for target-only rounds, speculative ones and,
-pipelined, rounds whose block was drafted ahead and target-only rounds with a call ahead (the model's blind
-spots: the draft catching up after target-only stretches, the coordinator's own work, two nodes on one GPU).
+(deeper drafts accept more: cost_model; the later drafts' rate starts at the first's, the geometric model,
+and moves off it as blocks of several drafts are seen), a global prior per kind of request, shrunk toward
+the pooled estimate, plus each request's own counts. Kinds accept at different rates: a sampled request
+checks its draft against a distribution, not an argmax, and a pipelined one mixes blocks drafted ahead
+into its counts (one prior for both modes, on the demo pair at T = 0.7, stood at 0.40-0.43 while sequential
+rounds accepted 0.35, and sequential requests drafted at k = 1 where it lost); and what rounds cost beyond
+all that, as EWMAs of each round's wall time minus the model's (with the round's own target call in place
+of the filter's estimate of it), apart for target-only rounds, speculative ones and, pipelined, rounds
+whose block was drafted ahead and target-only rounds with a call ahead (the model's blind spots: the draft
+catching up after target-only stretches, the coordinator's own work, two nodes on one GPU).
 choose_k maximises predicted tokens/s; in pipelined mode, leaving the target alone while the draft drafts
 ahead of it (cost_model.predraft_throughputs) is one more choice, handed to the loop as RequestState.ahead.
 

@@ -2,8 +2,8 @@
 
 alpha is the acceptance rate of a round's first draft, `later` that of each later one once those before it
 held (None: alpha, the usual geometric model). Drafts deeper in a block accept more, having come through an
-easy stretch (the demo pair, k = 4: 0.34, 0.45, 0.48 at T = 0.7; 0.43, 0.46, 0.51, 0.57 at T = 0), so one
-rate fitted to blocks of several drafts overrates the first, and with it k = 1 against the target alone.
+easy stretch (the demo pair, k = 4: 0.43, 0.46, 0.51, 0.57 at T = 0; 0.34, 0.45, 0.48, 0.39 at T = 0.7, the
+last of 38), so one rate fitted to blocks of several drafts overrates the first, and with it k = 1.
 k is the draft length (0 = the target alone). All times are seconds. verify(k) = a + b*k is the target's
 time to check k >= 1 draft tokens (k + 1 positions: the last committed token plus the drafts); verify(0),
 a plain decode step, is a term of its own (`decode`, a when unknown): a decode step and a verify block can
