@@ -788,7 +788,7 @@ class Coordinator:
                                 use_draft = not self._draft_failed(stats, exc, k) and use_draft
                                 stats.fallback_rounds += 1
                                 block, dists, k = [], [], 0
-                    alpha, later = tuner.alpha(state), tuner.later(state)
+                    alpha, later = tuner.rates(state)
                     t_round = time.perf_counter()
                     vtask = asyncio.ensure_future(self._verify(stats, sid, ctx, t_held, block, dists, sp))
                     vtask.add_done_callback(_consume)

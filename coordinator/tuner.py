@@ -304,7 +304,7 @@ class Tuner:
         costs = self.costs()
         if costs is None:
             return
-        a, b = (self.alpha(), self.later()) if alpha is None else (alpha, later)
+        a, b = self.rates() if alpha is None else (alpha, later)
         bare = replace(costs, round_overhead=0.0, spec_overhead=0.0, ready_overhead=0.0, ahead_overhead=0.0)
         if self._last_verify is not None and self._last_verify[0] == k:
             # The round's own target call, not the filter's estimate of it: a slow spell of the target is the
@@ -384,37 +384,39 @@ class Tuner:
 
     # -- estimates ------------------------------------------------------------------------------
 
-    def global_alpha(self, request: RequestState | None = None, later: bool = False) -> float:
-        """All requests' acceptance rate of a first draft (None), or that of the request's kind, shrunk toward
-        it; later: the rate of later drafts, shrunk toward the first's."""
-        s, counts = self.prior_strength, self.global_counts.values()
-        a, r = sum(c[0] for c in counts), sum(c[1] for c in counts)
-        first = (a + s * self.prior_alpha) / (a + r + s)
+    def _global_rates(self, request: RequestState | None = None) -> tuple[float, float]:
+        """(first, later): all requests' acceptance rates (None), or those of the request's kind shrunk toward
+        them; a later draft's rate is shrunk toward the first's."""
+        s, counts = self.prior_strength, list(self.global_counts.values())
+        a1, r1 = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        a2, r2 = sum(c[2] for c in counts), sum(c[3] for c in counts)
+        first = (a1 + s * self.prior_alpha) / (a1 + r1 + s)
         if request is not None:
-            a, r = self.global_counts[request.greedy, request.mode][:2]
-            first = (a + s * first) / (a + r + s)
-        if not later:
-            return first
+            a1, r1, a2, r2 = self.global_counts[request.greedy, request.mode]
+            first = (a1 + s * first) / (a1 + r1 + s)
+        return first, (a2 + s * first) / (a2 + r2 + s)
+
+    def global_alpha(self, request: RequestState | None = None) -> float:
+        """All requests' acceptance rate of a first draft (None), or that of the request's kind."""
+        return self._global_rates(request)[0]
+
+    def rates(self, request: RequestState | None = None) -> tuple[float, float]:
+        """Posterior mean acceptance rates of a block's first draft and of each later one (once those before it
+        held): the request's counts over its kind's global estimates as priors."""
+        first, later = self._global_rates(request)
         if request is None:
-            a, r = sum(c[2] for c in counts), sum(c[3] for c in counts)
-        else:
-            a, r = self.global_counts[request.greedy, request.mode][2:]
-        return (a + s * first) / (a + r + s)
+            return first, later
+        s, r = self.request_prior_strength, request
+        return (
+            (r.accepted + s * first) / (r.accepted + r.rejected + s),
+            (r.later_accepted + s * later) / (r.later_accepted + r.later_rejected + s),
+        )
 
     def alpha(self, request: RequestState | None = None) -> float:
-        """Posterior mean acceptance rate of a first draft: the request's counts over its kind's global
-        estimate as prior."""
-        if request is None:
-            return self.global_alpha()
-        s = self.request_prior_strength
-        return (request.accepted + s * self.global_alpha(request)) / (request.accepted + request.rejected + s)
+        return self.rates(request)[0]
 
     def later(self, request: RequestState | None = None) -> float:
-        """The same for each later draft of a block, once those before it held."""
-        if request is None:
-            return self.global_alpha(later=True)
-        s, g = self.request_prior_strength, self.global_alpha(request, later=True)
-        return (request.later_accepted + s * g) / (request.later_accepted + request.later_rejected + s)
+        return self.rates(request)[1]
 
     def costs(self) -> Costs | None:
         """The cost model's terms as measured; computed again only after a new measurement (the loop asks
@@ -452,7 +454,7 @@ class Tuner:
         costs = self.costs()
         if costs is None:
             return None
-        alpha, later = self.alpha(request), self.later(request)
+        alpha, later = self.rates(request)
         if k is None:
             return best_plan(alpha, costs, mode, self.max_k, later)[2]
         return tokens_per_second(alpha, k, costs, mode, later)
@@ -467,7 +469,7 @@ class Tuner:
         costs = self.costs()
         if costs is None:
             return min(self.initial_k, cap)
-        alpha, later = self.alpha(request), self.later(request)
+        alpha, later = self.rates(request)
         tps = throughputs(alpha, costs, mode, cap, later)
         k = tps.index(max(tps))
         if j := self._ahead(costs, alpha, later, tps, mode, cap):
@@ -520,7 +522,7 @@ class Tuner:
         costs = self.costs()
         if costs is None or self.max_k == 0:
             return costs is None
-        alpha, later = self.alpha(request), self.later(request)
+        alpha, later = self.rates(request)
         tps = throughputs(alpha, costs, mode, self.max_k, later)
         if tps.index(max(tps)) > 0 or self._ahead(costs, alpha, later, tps, mode, self.max_k):
             return True
@@ -544,10 +546,11 @@ class Tuner:
 
     def summary(self, request: RequestState | None = None, mode: Mode = "sequential") -> dict[str, float]:
         """Current estimates, for logs and metrics."""
-        out: dict[str, float] = {"alpha": self.alpha(request), "alpha_later": self.later(request)}
+        alpha, later = self.rates(request)
+        out: dict[str, float] = {"alpha": alpha, "alpha_later": later}
         costs = self.costs()
         if costs is not None:
             out.update(vars(costs))
-            k, ahead, tps = best_plan(out["alpha"], costs, mode, self.max_k, out["alpha_later"])
+            k, ahead, tps = best_plan(alpha, costs, mode, self.max_k, later)
             out.update(best_k=k, ahead=ahead, predicted_tps=tps)
         return {key: (math.nan if v is None else float(v)) for key, v in out.items()}

@@ -83,6 +83,10 @@ def _check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
+def _later(alpha: float, later: float | None) -> float:
+    return alpha if later is None else _check_alpha(later)
+
+
 def _check_k(k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"draft length k must be an integer >= 0, got {k!r}")
@@ -92,7 +96,7 @@ def _check_k(k: int) -> int:
 def expected_tokens(alpha: float, k: int, later: float | None = None) -> float:
     """E(k) = 1 + alpha*(1 + later + ... + later^(k-1)): accepted drafts plus the target's own token."""
     alpha, k = _check_alpha(alpha), _check_k(k)
-    later = alpha if later is None else _check_alpha(later)
+    later = _later(alpha, later)
     # The finite sum is exact at 1 and avoids cancellation just below it.
     return 1.0 + alpha * math.fsum(later**i for i in range(k))
 
@@ -101,7 +105,8 @@ def all_held(alpha: float, k: int, later: float | None = None) -> float:
     """h(k): the probability that all k drafts of a block are accepted."""
     if _check_k(k) == 0:
         return 1.0
-    return _check_alpha(alpha) * (alpha if later is None else _check_alpha(later)) ** (k - 1)
+    alpha = _check_alpha(alpha)
+    return alpha * _later(alpha, later) ** (k - 1)
 
 
 def draft_side(costs: Costs, k: int) -> float:
@@ -161,7 +166,7 @@ def throughputs(
     a couple of milliseconds (the per-k calls took ~55 us, this loop 3-5 us). E(k) is summed as k grows: at
     most 17 terms below 1, so the running sum is as good as expected_tokens' fsum here."""
     alpha, max_k = _check_alpha(alpha), _check_k(max_k)
-    later = alpha if later is None else _check_alpha(later)
+    later = _later(alpha, later)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     c = costs
@@ -195,7 +200,7 @@ def predraft_throughputs(alpha: float, costs: Costs, max_k: int = 16, later: flo
     again with probability h(j)*alpha). The chain's stationary share of ready rounds weighs them.
     """
     alpha, max_k = _check_alpha(alpha), _check_k(max_k)
-    later = alpha if later is None else _check_alpha(later)
+    later = _later(alpha, later)
     c = costs
     v0, over = verify_side(c, 0), c.round_overhead
     out = [1.0 / (v0 + over)]

@@ -436,8 +436,8 @@ def test_first_and_later_drafts_learn_their_own_rates() -> None:
 
 
 def test_sequential_requests_do_not_inherit_pipelined_acceptance() -> None:
-    """A pipelined request's blocks drafted ahead follow a guess that held and accept more than a round's first
-    draft; a new sequential request must start from what sequential rounds accepted."""
+    """A pipelined request's counts mix in blocks drafted ahead; a new sequential request must start from what
+    sequential rounds accepted."""
     tuner = Tuner(prior_alpha=0.5, prior_strength=8.0)
     piped, seq = tuner.new_request(greedy=False, mode="pipelined"), tuner.new_request(greedy=False)
     for i in range(300):
