@@ -449,6 +449,40 @@ def test_sequential_requests_do_not_inherit_pipelined_acceptance() -> None:
     assert tuner.alpha(fresh_piped) > 0.6
 
 
+def test_how_far_a_request_trusts_its_own_counts_follows_how_much_requests_differ() -> None:
+    """Requests that all accept alike leave a lucky start to the kind's estimate; requests that differ (text
+    and code, say) each follow their own counts. Each kind learns this for itself."""
+    rng = random.Random(1)
+
+    def run(tuner: Tuner, alphas: list[float], greedy: bool, checks: int = 30) -> None:
+        for a in alphas:
+            request = tuner.new_request(greedy=greedy)
+            for _ in range(checks):
+                tuner.record_acceptance(request, 1, int(rng.random() < a))
+
+    alike, apart = Tuner(), Tuner()
+    run(alike, [0.4] * 120, greedy=False)
+    run(apart, [0.15, 0.65] * 30, greedy=True)
+    assert alike.request_strength[False, "sequential"] >= 256
+    assert apart.request_strength[True, "sequential"] <= 8
+    assert alike.request_strength[True, "sequential"] == apart.request_strength[False, "sequential"] == 32.0
+
+    for tuner, greedy in ((alike, False), (apart, True)):
+        lucky = tuner.new_request(greedy=greedy)  # a lucky start: 7 of its first 9 drafts held
+        for n in (1, 1, 0, 1, 1, 1, 0, 1, 1):
+            tuner.record_acceptance(lucky, 1, n)
+        start = tuner.alpha(tuner.new_request(greedy=greedy))
+        if tuner is alike:
+            assert tuner.alpha(lucky) - start < 0.03  # under the default strength: 0.08
+        else:
+            assert tuner.alpha(lucky) > 0.6
+
+    # Too few drafts scored: the default still holds.
+    early = Tuner()
+    run(early, [0.15, 0.65] * 2, greedy=True, checks=10)
+    assert early.request_strength[True, "sequential"] == 32.0
+
+
 def test_linear_fit_recovers_line_and_uses_prior_when_flat() -> None:
     fit = LinearFit(decay=0.99, prior_b=0.0)
     assert fit.coefficients() is None
