@@ -8,10 +8,10 @@ node-reported compute; acceptance as Beta counts, apart for a block's first draf
 (deeper drafts accept more: cost_model; the later drafts' rate starts at the first's, the geometric model,
 and moves off it as blocks of several drafts are seen), a global prior per kind of request, shrunk toward
 the pooled estimate, plus each request's own counts, weighed against that prior as heavily as best forecast
-the kind's drafts so far. Kinds accept at different rates: a sampled request
-checks its draft against a distribution, not an argmax, and a pipelined one mixes blocks drafted ahead
-into its counts (one prior for both modes, on the demo pair at T = 0.7, stood at 0.40-0.43 while sequential
-rounds accepted 0.35, and sequential requests drafted at k = 1 where it lost); and what rounds cost beyond
+the kind's drafts so far. Kinds accept at different rates: a sampled request checks its draft against a
+distribution, not an argmax, and a pipelined one mixes blocks drafted ahead into its counts (one prior for
+both modes, on the demo pair at T = 0.7, stood at 0.40-0.43 while sequential rounds accepted 0.35, and
+sequential requests drafted at k = 1 where it lost); and what rounds cost beyond
 all that, as EWMAs of each round's wall time minus the model's (with the round's own target call in place
 of the filter's estimate of it), apart for target-only rounds, speculative ones and, pipelined, rounds
 whose block was drafted ahead and target-only rounds with a call ahead (the model's blind spots: the draft
