@@ -255,6 +255,7 @@ class Tuner:
         self.alone_limit = MAX_ALONE_ROUNDS  # ... before a probe however costly
         self.probe_credit = 0.0  # seconds of throughput probes may still lose (negative: overspent)
         self._probe_loss: float | None = None  # the predicted loss of the probe in flight, until it is timed
+        self._probe_back = False  # a probe was timed: the next round's cost beyond a target-only one is its too
         self._costs: Costs | None = None  # costs(), until the next measurement changes it
         self._last_verify: tuple[int, float] | None = None  # (k, compute) of the latest target call
         self._costs_stale = True
@@ -329,7 +330,14 @@ class Tuner:
         if k and self._probe_loss is not None:  # a probe: pay what it lost beyond the prediction
             lost = wall_s - expected_tokens(a, k, b) * round_time(costs, 0, mode)
             self.probe_credit -= lost - self._probe_loss
-            self._probe_loss = None
+            self._probe_loss, self._probe_back = None, True
+        elif self._probe_back:
+            # The round after a probe pays too, where it goes back to the target alone: on the demo pair that
+            # round took 0.5-1.6 ms more than the target-only rounds around it, a cost the probe round's own
+            # time does not show (probes then spent about twice probe_budget at T = 0.7).
+            if not k and not ahead:
+                self.probe_credit -= wall_s - round_time(costs, 0, mode)
+            self._probe_back = False
         # The mean of the first rounds, then an EWMA: where speculation does not pay, speculative rounds are
         # a few probes, and an EWMA started at the first one held near it for dozens more (probes on an H100
         # took 6-13 ms against 1.8 ms rounds at k = 0).
