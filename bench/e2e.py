@@ -155,7 +155,7 @@ def interval(row: Row, base: Row, draws: int = 2000, seed: int = 0) -> tuple[flo
     """A 90% bootstrap interval for row.tps / base.tps: prompt runs are resampled in pairs (the same prompt
     and repeat under both rows, close in time), so a drift of the machine's speed stays out of it. It covers
     the spread of the prompts only: two identical target-only configurations measured 0.996-1.018x of each
-    other in nine runs on the 2-core demo machine."""
+    other in ten runs on the 2-core demo machine."""
     pairs = list(zip(row.runs, base.runs, strict=True))
     rng, ratios = random.Random(seed), []
     for _ in range(draws):

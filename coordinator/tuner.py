@@ -24,9 +24,10 @@ drafts one token more or fewer, so the fits keep seeing more than one k, and eve
 a decode step: where k = 0 never ran, the filter could not tell its level from its gap. While the target
 runs alone (k = 0) nothing is learnt about acceptance, so target-only rounds earn "probe credit" at
 probe_budget of each round's time, spent on a round at the best k > 0 once the credit covers that
-round's predicted loss; once the round is timed, the credit pays what it really lost. So the probes cost
-about probe_budget of throughput however far the model misjudges them, and a request whose text turns
-easy gets back to speculating. The credit is shared by all requests: earned per request, it gave every
+round's predicted loss; once the round is timed, the credit pays what it really lost, and what the round
+after it, back to the target alone, took beyond a target-only round. So the probes cost about
+probe_budget of throughput however far the model misjudges them, and a request whose text turns easy
+gets back to speculating. The credit is shared by all requests: earned per request, it gave every
 64-token request about one probe on an H100 where no k paid. However costly the draft looks, at most
 MAX_ALONE_ROUNDS rounds pass without a draft, twice as many after each such probe that finds drafting
 still hopeless (up to 16x): a cost that was measured once in a stall and never again would otherwise
@@ -332,9 +333,9 @@ class Tuner:
             self.probe_credit -= lost - self._probe_loss
             self._probe_loss, self._probe_back = None, True
         elif self._probe_back:
-            # The round after a probe pays too, where it goes back to the target alone: on the demo pair that
-            # round took 0.5-1.6 ms more than the target-only rounds around it, a cost the probe round's own
-            # time does not show (probes then spent about twice probe_budget at T = 0.7).
+            # The round after a probe pays too, where it goes back to the target alone: on the demo pair such a
+            # round took a median 0.6 ms more than one after a target-only round, a cost the probe round's own
+            # time does not show.
             if not k and not ahead:
                 self.probe_credit -= wall_s - round_time(costs, 0, mode)
             self._probe_back = False
