@@ -135,13 +135,14 @@ class EmbeddedNodes:
 
     def __init__(self, log_path: str | None = None) -> None:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-        if log_path is None:
-            fd, log_path = tempfile.mkstemp(prefix="tandem-nodes-", suffix=".log")
-            os.close(fd)
-        self.log = Path(log_path)
+        self.log = Path(log_path) if log_path is not None else None  # a temporary file once a node starts
 
     def start(self, role: str, model: Path, transport: str, options: list[str], token: str | None) -> Any:
         """Launch; returns a handle for `wait`."""
+        if self.log is None:  # made here, not before: a coordinator given both nodes leaves no empty file behind
+            fd, path = tempfile.mkstemp(prefix="tandem-nodes-", suffix=".log")
+            os.close(fd)
+            self.log = Path(path)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         if token:
             env["TANDEM_AUTH_TOKEN"] = token
@@ -161,6 +162,7 @@ class EmbeddedNodes:
     async def wait(self, handle: Any, timeout: float = NODE_START_TIMEOUT) -> str:
         """The node's URL once its log says it serves; RuntimeError with its log if it dies first."""
         role, proc, start, transport = handle
+        assert self.log is not None
         pattern = re.compile(rf"{role}-node serving .*? address=(\S+):(\d+)")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -173,7 +175,7 @@ class EmbeddedNodes:
         raise RuntimeError(f"the {role} node did not start within {timeout:g} s:\n{self.tail(proc)}")
 
     def tail(self, proc: subprocess.Popen[bytes]) -> str:
-        return self.log.read_bytes()[-3000:].decode(errors="replace")
+        return self.log.read_bytes()[-3000:].decode(errors="replace") if self.log is not None else ""
 
     def stop(self) -> None:
         for _, proc in self.procs:

@@ -70,3 +70,15 @@ def test_demo_default_with_smollm2_as_its_own_draft_prints_json(smollm2: Path, t
     spec = out["speculation"]
     assert spec["acceptance_rate"] >= 0.9 and spec["mean_tokens_per_round"] > 1.5
     assert out["baseline"]["speculation"]["drafted_tokens"] == 0 and out["speedup"] > 0
+
+
+def test_embedded_nodes_make_a_log_only_when_a_node_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A coordinator given both nodes starts none, and must leave no empty temporary log behind."""
+    import tempfile
+
+    from coordinator.cli import EmbeddedNodes
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    nodes = EmbeddedNodes()
+    nodes.stop()
+    assert nodes.log is None and not list(tmp_path.iterdir())
