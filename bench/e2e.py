@@ -171,8 +171,7 @@ def goals(rows: list[Row]) -> list[str]:
     lines = []
     for t in sorted({r.temperature for r in rows}):
         at = [r for r in rows if r.temperature == t]
-        alone_row = next((r for r in at if r.mode == "target-only"), None)
-        alone = alone_row.tps if alone_row else None
+        alone = next((r for r in at if r.mode == "target-only"), None)
         best_mode: dict[str, float] = {}
         for mode in ("sequential", "pipelined"):
             fixed = [r for r in at if r.mode == mode and r.k != "auto"]
@@ -183,8 +182,8 @@ def goals(rows: list[Row]) -> list[str]:
                 verdict = "met" if ratio >= 0.95 else "MISSED"
                 lines.append(f"T={t:.1f} {mode}: auto {auto.tps:.2f} tok/s = {ratio:.2f}x the best fixed k "
                              f"(k={best.k}, {best.tps:.2f}) [goal >= 0.95: {verdict}]")  # fmt: skip
-            if auto and alone_row and alone:
-                r, (lo, hi) = auto.tps / alone, interval(auto, alone_row)
+            if auto and alone and alone.tps:
+                r, (lo, hi) = auto.tps / alone.tps, interval(auto, alone)
                 lines.append(f"T={t:.1f} {mode}: auto = {r:.2f}x the target alone (90% interval {lo:.2f}-{hi:.2f}) "
                              f"[goal >= 0.97: {'met' if r >= 0.97 else 'MISSED'}]")  # fmt: skip
             if auto:

@@ -130,6 +130,10 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _tail(log: Path) -> str:
+    return log.read_bytes()[-3000:].decode(errors="replace")
+
+
 class EmbeddedNodes:
     """Node processes on loopback, each logging to a file; stopped with SIGTERM on exit."""
 
@@ -157,25 +161,21 @@ class EmbeddedNodes:
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )  # fmt: skip
         self.procs.append((role, proc))
-        return role, proc, start, transport
+        return role, proc, self.log, start, transport
 
     async def wait(self, handle: Any, timeout: float = NODE_START_TIMEOUT) -> str:
         """The node's URL once its log says it serves; RuntimeError with its log if it dies first."""
-        role, proc, start, transport = handle
-        assert self.log is not None
+        role, proc, log, start, transport = handle
         pattern = re.compile(rf"{role}-node serving .*? address=(\S+):(\d+)")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            text = self.log.read_bytes()[start:].decode(errors="replace")
+            text = log.read_bytes()[start:].decode(errors="replace")
             if m := pattern.search(text):  # the role in the pattern tells the nodes' lines apart
                 return f"{transport}://127.0.0.1:{m.group(2)}"
             if proc.poll() is not None:
-                raise RuntimeError(f"the {role} node exited with status {proc.returncode}:\n{self.tail(proc)}")
+                raise RuntimeError(f"the {role} node exited with status {proc.returncode}:\n{_tail(log)}")
             await asyncio.sleep(0.1)
-        raise RuntimeError(f"the {role} node did not start within {timeout:g} s:\n{self.tail(proc)}")
-
-    def tail(self, proc: subprocess.Popen[bytes]) -> str:
-        return self.log.read_bytes()[-3000:].decode(errors="replace") if self.log is not None else ""
+        raise RuntimeError(f"the {role} node did not start within {timeout:g} s:\n{_tail(log)}")
 
     def stop(self) -> None:
         for _, proc in self.procs:
