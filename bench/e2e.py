@@ -69,12 +69,12 @@ class Row:
     predicted_tokens: float = 0.0
     predicted_time: float = 0.0
     texts: list[list[int]] = field(default_factory=list)
-    runs: list[tuple[int, float]] = field(default_factory=list)  # (tokens, decode seconds) per prompt run
+    runs: list[tuple[int, float, int]] = field(default_factory=list)  # per prompt run: tokens, seconds, drafting rounds
 
     def add(self, s: Stats, tokens: list[int]) -> None:
         self.tokens += len(tokens)
         self.decode_s += s.decode_s
-        self.runs.append((len(tokens), s.decode_s))
+        self.runs.append((len(tokens), s.decode_s, s.rounds - s.k_hist[0]))
         self.drafted += s.drafted
         self.accepted += s.accepted
         self.rounds += s.rounds
@@ -101,6 +101,7 @@ class Row:
             "mean_k": round(self.k_sum / self.rounds, 3) if self.rounds else None,
             "pipeline_bets": self.bets, "pipeline_hits": self.hits,
             "predicted_tokens_per_second": None if self.predicted is None else round(self.predicted, 3),
+            "runs": [[n, round(t, 5), d] for n, t, d in self.runs],
         }  # fmt: skip
 
 

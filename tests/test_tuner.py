@@ -419,6 +419,33 @@ def test_greedy_and_sampled_requests_learn_their_own_acceptance() -> None:
     assert other.global_alpha(other.new_request(greedy=False)) == pytest.approx(other.global_alpha())
 
 
+def test_new_requests_are_forecast_from_requests_not_from_drafts() -> None:
+    """Easy requests (alpha 0.8) draft nearly every round and hard ones (0.2) stop after a few: counted per
+    draft, the kind's rate was the easy ones' (0.73-0.75 here), and each new request's first drafts were
+    forecast 0.12-0.17 above what they accepted."""
+    easy, hard = World(0.8, 0.3, 0.0, 0.002), World(0.2, 0.3, 0.0, 0.002)
+    tuner = Tuner(max_k=MAX_K)
+    forecast, accepted = [], []
+    for j in range(80):
+        world = easy if j % 2 == 0 else hard
+        trace = make_trace(world, 64, seed=j)
+        request = tuner.new_request()
+        for i in range(64):
+            k = tuner.choose_k(request, "sequential")
+            alpha = tuner.alpha(request)
+            r = play(world, trace, i, k, "sequential")
+            if k and j >= 20 and request.accepted + request.rejected < 4:
+                forecast.append(alpha)
+                accepted.append(float(r.n > 0))
+            if r.draft:
+                tuner.record_draft(k, *r.draft)
+            tuner.record_verify(k, *r.verify)
+            tuner.record_acceptance(request, k, r.n)
+            tuner.record_round_time(k, r.wall, "sequential", alpha)
+    assert np.mean(forecast) - np.mean(accepted) < 0.11
+    assert tuner.alpha(tuner.new_request()) < 0.70
+
+
 def test_first_and_later_drafts_learn_their_own_rates() -> None:
     """Blocks whose first draft holds a third of the time and whose later drafts then hold 0.8 of it."""
     tuner, rng = Tuner(), random.Random(0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -33,6 +34,27 @@ BLOCKS = 4  # this machine's, once tune() has run
 SOURCE = Path(__file__).with_name("cpu_int4.cpp")
 ATTENTION_SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp"]  # OpenMP: at::parallel_for runs on torch's threads
+STALE_LOCK_S = 180.0  # a build takes 10-20 s: a lock this old was left by one that was killed
+
+
+def wait_for_build_lock(build_dir: Path, stale_s: float = STALE_LOCK_S, poll_s: float = 0.5) -> None:
+    """Wait while another process builds the kernels, and remove a lock older than stale_s. torch waits on its
+    lock file without end, and a node killed during its first start (a build) leaves one behind: every later
+    start hung without a word."""
+    lock, warned = build_dir / "lock", False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age >= stale_s:
+            log.warning("removing %s, left %.0f s ago by a build of our CPU kernels that did not finish", lock, age)
+            lock.unlink(missing_ok=True)
+            return
+        if not warned:
+            log.warning("waiting up to %.0f s for another build of our CPU kernels to release %s", stale_s - age, lock)
+            warned = True
+        time.sleep(poll_s)
 
 
 @functools.cache
@@ -40,14 +62,18 @@ def available() -> bool:
     """Whether the kernels run here; builds them the first time (10-20 s, then cached by torch)."""
     if not (hasattr(torch.cpu, "_is_avx512_bf16_supported") and torch.cpu._is_avx512_bf16_supported()):
         return False
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import get_default_build_root, load
 
     try:
+        build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / "tandem_cpu"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        wait_for_build_lock(build_dir)
         load(
             name="tandem_cpu",
             sources=[str(SOURCE), str(ATTENTION_SOURCE)],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
             is_python_module=False,
         )
     except Exception as exc:  # no compiler, no ninja, an unwritable cache: torch's kernel still works
