@@ -410,7 +410,7 @@ class Tuner:
         if n == 0.0 or others[0] + others[1] < self.prior_strength:
             return
         kind = (request.greedy, request.mode)
-        g, d, a = self._global_rates(request)[0], self.global_decay, request.accepted
+        g, d, a = self._global_rates(others)[0], self.global_decay, request.accepted
         scores = self.strength_scores[kind]
         for i, s in enumerate(STRENGTHS):
             err = first - (a + s * g) / (n + s)
@@ -442,32 +442,33 @@ class Tuner:
         counts = self.global_counts[request.greedy, request.mode]
         return [max(c - x, 0.0) for c, x in zip(counts, request.lent, strict=True)]
 
-    def _global_rates(self, request: RequestState | None = None) -> tuple[float, float]:
-        """(first, later): all requests' acceptance rates (None), or those of the request's kind, less the
-        request's own counts, shrunk toward them; a later draft's rate is shrunk toward the first's."""
+    def _global_rates(self, others: list[float] | None = None) -> tuple[float, float]:
+        """(first, later): all requests' acceptance rates (None), or those of a request's kind without its own
+        counts (_others) shrunk toward them; a later draft's rate is shrunk toward the first's."""
         s, counts = self.prior_strength, list(self.global_counts.values())
         a1, r1 = sum(c[0] for c in counts), sum(c[1] for c in counts)
         a2, r2 = sum(c[2] for c in counts), sum(c[3] for c in counts)
         first = (a1 + s * self.prior_alpha) / (a1 + r1 + s)
-        if request is not None:
-            a1, r1, a2, r2 = self._others(request)
+        if others is not None:
+            a1, r1, a2, r2 = others
             first = (a1 + s * first) / (a1 + r1 + s)
         return first, (a2 + s * first) / (a2 + r2 + s)
 
     def global_alpha(self, request: RequestState | None = None) -> float:
         """All requests' acceptance rate of a first draft (None), or that of the request's kind."""
-        return self._global_rates(request)[0]
+        return self._global_rates(None if request is None else self._others(request))[0]
 
     def rates(self, request: RequestState | None = None) -> tuple[float, float]:
         """Posterior mean acceptance rates of a block's first draft and of each later one (once those before it
         held): the request's counts over its kind's global estimates as priors."""
-        first, later = self._global_rates(request)
         if request is None:
-            return first, later
+            return self._global_rates()
+        others = self._others(request)
+        first, later = self._global_rates(others)
         s, r = self.request_strength[request.greedy, request.mode], request
         # While the kind's counts are few its estimate is uncertain too, and a request leans on it less: the
         # strengths combine as precisions do.
-        a1, r1, a2, r2 = self._others(request)
+        a1, r1, a2, r2 = others
         s1 = 1.0 / (1.0 / s + 1.0 / (a1 + r1 + self.prior_strength))
         s2 = 1.0 / (1.0 / s + 1.0 / (a2 + r2 + self.prior_strength))
         return (
