@@ -446,6 +446,35 @@ def test_new_requests_are_forecast_from_requests_not_from_drafts() -> None:
     assert tuner.alpha(tuner.new_request()) < 0.70
 
 
+def test_where_in_its_answer_a_round_falls_moves_the_forecast() -> None:
+    """Every answer's first 16 tokens are hard for the draft (alpha 0.15) and the rest easy (0.7): drafting
+    pays only after them. Forecast alike at every position, the easy rounds pull the early ones' forecast
+    above break-even (0.4-0.5 here), and every answer starts with rounds that lose."""
+    early, late = World(0.15, 0.3, 0.0, 0.002), World(0.7, 0.3, 0.0, 0.002)
+    tuner = Tuner(max_k=MAX_K)
+    drafted = {True: [], False: []}  # early round? -> drafted
+    for j in range(60):
+        traces = {w: make_trace(w, 64, seed=2 * j + (w is late)) for w in (early, late)}
+        request, position = tuner.new_request(), 0
+        for i in range(64):
+            world = early if position < 16 else late
+            k = tuner.choose_k(request, "sequential")
+            alpha = tuner.alpha(request)
+            r = play(world, traces[world], i, k, "sequential")
+            if j >= 20:
+                drafted[world is early].append(k > 0)
+            if r.draft:
+                tuner.record_draft(k, *r.draft)
+            tuner.record_verify(k, *r.verify)
+            tuner.record_acceptance(request, k, r.n)
+            tuner.record_round_time(k, r.wall, "sequential", alpha)
+            position += r.n + 1
+    fresh, on = tuner.new_request(), tuner.new_request()
+    on.position = 40
+    assert tuner.alpha(fresh) < 0.45 and tuner.alpha(on) > 0.6  # alike before: 0.51 at both
+    assert np.mean(drafted[True]) < 0.15 and np.mean(drafted[False]) > 0.9  # before: 0.21 and 0.26
+
+
 def test_first_and_later_drafts_learn_their_own_rates() -> None:
     """Blocks whose first draft holds a third of the time and whose later drafts then hold 0.8 of it."""
     tuner, rng = Tuner(), random.Random(0)
@@ -500,7 +529,9 @@ def test_how_far_a_request_trusts_its_own_counts_follows_how_much_requests_diffe
         lucky = tuner.new_request(greedy=greedy)  # a lucky start: 7 of its first 9 drafts held
         for n in (1, 1, 0, 1, 1, 1, 0, 1, 1):
             tuner.record_acceptance(lucky, 1, n)
-        start = tuner.alpha(tuner.new_request(greedy=greedy))
+        fresh = tuner.new_request(greedy=greedy)
+        fresh.position = lucky.position  # where in its answer a round falls moves the forecast too
+        start = tuner.alpha(fresh)
         if tuner is alike:
             assert tuner.alpha(lucky) - start < 0.03  # under the default strength: 0.07
         else:
