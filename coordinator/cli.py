@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_DRAFT = ROOT / "models" / "smollm2-draft.Q8_0.gguf"
+DEMO_DRAFT = ROOT / "models" / "smollm2-draft.Q4_1.gguf"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NODE_START_TIMEOUT = 300.0
 

@@ -9,7 +9,8 @@ node-reported compute; acceptance as Beta counts, apart for a block's first draf
 and moves off it as blocks of several drafts are seen), a global prior per kind of request, shrunk toward
 the pooled estimate and learnt from the other requests of the kind (each draft counted as heavily as the
 prior weighs in its request's forecast, so requests that draft a lot do not set it), plus each request's
-own counts, weighed against that prior as heavily as best forecast the kind's drafts so far. Kinds accept at
+own counts, weighed against that prior as heavily as best forecast the kind's drafts so far; each first-draft
+forecast is scaled by how the kind's drafts accept at that point of an answer (POSITION_EDGES). Kinds accept at
 different rates: a sampled request checks its draft against a distribution, not an argmax, and a pipelined
 one mixes blocks drafted ahead into its counts (one prior for both modes, on the demo pair at T = 0.7, stood
 at 0.40-0.43 while sequential rounds accepted 0.35, and sequential requests drafted at k = 1 where it lost);

@@ -13,6 +13,8 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from tandem.engine.gguf_file import read_gguf
+from tools.requantize import main as requantize_main
+from tools.requantize import requantize
 from tools.write_gguf import main, random_model, write_gguf
 
 transformers = pytest.importorskip("transformers")
@@ -266,3 +268,32 @@ def test_cli(tiny_tokenizer: Path, tmp_path: Path, capsys: pytest.CaptureFixture
         main(["--config", '{"model_type": "bert"}', "--out", str(tmp_path / "x.gguf")])
     assert e.value.code == 2
     assert math.isfinite(float(np.asarray(_tensors(out)["output_norm.weight"].data).sum()))
+
+
+def test_requantize_changes_only_the_weights_type(tiny_tokenizer: Path, tmp_path: Path) -> None:
+    # intermediate 48: ffn_down stays F16 (no whole 32-blocks), and is copied as it is
+    cfg = dict(CASES["qwen2_bias_tied"], intermediate_size=48)
+    src = write_gguf(random_model(cfg, seed=10), tmp_path / "q8.gguf", dtype="q8_0", tokenizer_from=tiny_tokenizer)
+    dst = tmp_path / "q4.gguf"
+    assert requantize_main([str(src), str(dst), "--type", "q4_1", "--keep", "token_embd.weight"]) == 0
+    before, after = _tensors(src), _tensors(dst)
+    assert before.keys() == after.keys()
+    for name, t in after.items():
+        old = before[name]
+        if name == "token_embd.weight" or old.tensor_type != T.Q8_0:
+            assert t.tensor_type == old.tensor_type and np.array_equal(t.data, old.data), name
+        else:
+            assert t.tensor_type == T.Q4_1, name
+            want = gguf.quants.dequantize(old.data, T.Q8_0)
+            got = gguf.quants.dequantize(t.data, T.Q4_1)
+            assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.1, name
+    f_before, f_after = _fields(src), _fields(dst)
+    assert f_after.pop("general.file_type") == gguf.LlamaFileType.MOSTLY_Q4_1
+    f_before.pop("general.file_type")
+    assert f_after == f_before
+    with pytest.raises(ValueError, match="another file"):
+        requantize(src, src, "q4_1")
+    with pytest.raises(ValueError, match="names no tensor"):
+        requantize(src, tmp_path / "x.gguf", "q4_1", ["output.weight"])
+    with pytest.raises(SystemExit):
+        requantize_main([str(tmp_path / "missing.gguf"), str(dst), "--type", "q4_1"])

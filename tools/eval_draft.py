@@ -5,7 +5,7 @@ target checks them in one forward (`tandem.acceptance.verify_greedy`), both roll
 accepted. Reports accepted/proposed, the per-token acceptance rate alpha (accepted over tokens checked:
 each round checks its accepted tokens plus the first rejected one), and the mean tokens per round.
 
-    python -m tools.eval_draft --draft models/smollm2-draft.Q8_0.gguf --skip 64 --n 24
+    python -m tools.eval_draft --draft models/smollm2-draft.Q4_1.gguf --skip 64 --n 24
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def speculate(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.eval_draft", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--draft", type=Path, default=Path("models/smollm2-draft.Q8_0.gguf"))
+    ap.add_argument("--draft", type=Path, default=Path("models/smollm2-draft.Q4_1.gguf"))
     ap.add_argument("--target", type=Path, default=None, help="target GGUF (default: the SmolLM2 demo model)")
     ap.add_argument("--prompts", type=Path, default=Path("data/draft/heldout.jsonl.gz"))
     ap.add_argument("--skip", type=int, default=64, help="held-out prompts to skip (gen_draft_data used them)")
