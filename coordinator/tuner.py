@@ -396,12 +396,10 @@ class Tuner:
         factor = self._position_factor(kind, position)
         self._score_strengths(request, first, factor)
         g, r = self.global_decay, self.request_decay
-        for i, c in enumerate(self.position_counts[kind]):
-            c[0] *= g
-            c[1] *= g
-            if i == bisect.bisect_right(POSITION_EDGES, position):
-                c[0] += first
-                c[1] += 1.0
+        # Aged by its own drafts only: where drafting does not pay the tuner drafts little, and those few drafts
+        # are what keeps it from drafting there.
+        c = self.position_counts[kind][bisect.bisect_right(POSITION_EDGES, position)]
+        c[:] = [g * c[0] + first, g * c[1] + 1.0]
         # The kind's estimate is what forecasts a request while its own counts are few: a draft teaches it as
         # much as that estimate weighs in its request's forecast now. Counted alike, the requests that drafted
         # most set it: with half the requests accepting 0.8 and half 0.2, where drafting paid only for the
