@@ -206,7 +206,7 @@ class RequestState:
     mode: Mode = "sequential"
     accepted: float = 0.0  # a block's first draft
     rejected: float = 0.0
-    exposure: float = 0.0  # the position factors of those first drafts (decayed alike): what they were expected
+    exposure: float = 0.0  # those first drafts weighed by their positions' factors (decayed alike)
     later_accepted: float = 0.0  # the drafts after it, once those before them held
     later_rejected: float = 0.0
     lent: list[float] = field(default_factory=lambda: [0.0] * 4)  # what its counts added to its kind's
@@ -502,8 +502,7 @@ class Tuner:
         """How a first draft after `position` generated tokens accepts, relative to its kind's first drafts
         wherever they fell: a request's counts are read as a level times the factors of their positions."""
         counts = self.position_counts[kind]
-        drafted = sum(c[1] for c in counts)
-        mean = (sum(c[0] for c in counts) + 1.0) / (drafted + 2.0)
+        mean = (sum(c[0] for c in counts) + 1.0) / (sum(c[1] for c in counts) + 2.0)
         c = counts[bisect.bisect_right(POSITION_EDGES, position)]
         return (c[0] + POSITION_STRENGTH * mean) / (c[1] + POSITION_STRENGTH) / mean
 

@@ -11,8 +11,10 @@ Training runs for a wall-clock budget (the learning rate follows it), evaluates 
 replies (teacher-forced: per-token acceptance at k = 4 as the speculative loop would count it), keeps
 the best state, and writes the GGUF with tools.write_gguf.
 
-    python -m tools.train_draft --data runs/draft/data.pt --out models/smollm2-draft.Q8_0.gguf \\
+    python -m tools.train_draft --data runs/draft/data.pt --out runs/draft/smollm2-draft.Q8_0.gguf \\
         --device cuda --time-budget 300
+
+The demo draft's layers then went to Q4_1 (tools.requantize, models/MODEL_CARD.md).
 """
 
 from __future__ import annotations
@@ -362,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.train_draft", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, nargs="+", required=True, help="tensor file(s) from tools.gen_draft_data")
     ap.add_argument("--target", type=Path, default=None, help="target GGUF (PCA init, tokenizer for the export)")
-    ap.add_argument("--out", type=Path, default=Path("models/smollm2-draft.Q8_0.gguf"))
+    ap.add_argument("--out", type=Path, default=Path("runs/draft/smollm2-draft.Q8_0.gguf"))
     ap.add_argument("--dtype", default="q8_0", help="GGUF weight type (q8_0, q4_0, f16, f32 ...)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--time-budget", type=float, default=300.0, help="seconds of training")
