@@ -75,6 +75,13 @@ POSITION_STRENGTH = 16.0
 MAX_RATE = 0.99  # a position's factor may lift a forecast past 1
 
 
+def _first_forecast(accepted: float, exposure: float, strength: float, kind_rate: float, factor: float) -> float:
+    """A request's first-draft rate at a position: its counts over its kind's rate as a prior of `strength`
+    pseudo-drafts, read as a level (exposure: its drafts weighed by their positions' factors), times the
+    factor of the position asked about."""
+    return min((accepted + strength * kind_rate) / (exposure + strength) * factor, MAX_RATE)
+
+
 def _held(y: float, predicted: float | None, seen: float) -> float | None:
     """A cost sample held within OUTLIER of a fit's prediction once `seen` samples back the fit; None where the
     fit should start afresh at it. A one-off stall (a kernel built on first use, a graph captured for a new
@@ -434,7 +441,7 @@ class Tuner:
         g, d, a, e = self._global_rates(others)[0], self.global_decay, request.accepted, request.exposure
         scores = self.strength_scores[kind]
         for i, s in enumerate(STRENGTHS):
-            err = first - min((a + s * g) / (e + s) * factor, MAX_RATE)
+            err = first - _first_forecast(a, e, s, g, factor)
             scores[i] = d * scores[i] + err * err
         scores[-1] = d * scores[-1] + 1.0
         if scores[-1] >= STRENGTH_MIN_SCORED:
@@ -494,7 +501,7 @@ class Tuner:
         s2 = 1.0 / (1.0 / s + 1.0 / (a2 + r2 + self.prior_strength))
         factor = self._position_factor((r.greedy, r.mode), r.position)
         return (
-            min((r.accepted + s1 * first) / (r.exposure + s1) * factor, MAX_RATE),
+            _first_forecast(r.accepted, r.exposure, s1, first, factor),
             (r.later_accepted + s2 * later) / (r.later_accepted + r.later_rejected + s2),
         )
 

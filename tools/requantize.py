@@ -23,13 +23,14 @@ from gguf import GGMLQuantizationType as T
 
 from tools.write_gguf import DTYPES
 
-QUANTIZED = {T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K}
+QUANTIZED = {T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K}  # what is read back and written again
+TYPES = ("q8_0", "q4_0", "q4_1")  # what gguf-py writes and our engine packs
 
 
 def requantize(src: str | Path, dst: str | Path, dtype: str, keep: Sequence[str] = ()) -> dict[str, T]:
-    """Write src's weights to dst in `dtype` (q8_0, q4_0, q4_1); returns each tensor's type in dst."""
-    if dtype not in ("q8_0", "q4_0", "q4_1"):
-        raise ValueError(f"unsupported type {dtype!r}: choose q8_0, q4_0 or q4_1")
+    """Write src's weights to dst in `dtype` (one of TYPES); returns each tensor's type in dst."""
+    if dtype not in TYPES:
+        raise ValueError(f"unsupported type {dtype!r}: choose {', '.join(TYPES)}")
     qtype, ftype = DTYPES[dtype]
     if Path(src).resolve() == Path(dst).resolve():
         raise ValueError("the output must be another file than the input")
@@ -66,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.requantize", description=__doc__.split("\n\n")[0])
     ap.add_argument("src", type=Path, help="GGUF file to read")
     ap.add_argument("dst", type=Path, help="GGUF file to write")
-    ap.add_argument("--type", required=True, choices=("q8_0", "q4_0", "q4_1"), help="the weights' new type")
+    ap.add_argument("--type", required=True, choices=TYPES, help="the weights' new type")
     ap.add_argument("--keep", action="append", default=[], metavar="TENSOR", help="copy this tensor as it is")
     args = ap.parse_args(argv)
     if not args.src.is_file():
