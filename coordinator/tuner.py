@@ -18,7 +18,8 @@ and what rounds cost beyond all that, as EWMAs of each round's wall time minus t
 own target call in place of the filter's estimate of it), apart for target-only rounds, speculative ones
 and, pipelined, rounds whose block was drafted ahead and target-only rounds with a call ahead (the model's
 blind spots: the draft catching up after target-only stretches, the coordinator's own work, two nodes on one
-GPU).
+GPU); a target-only round right after a speculative one is priced apart too, and what it costs beyond a
+target-only round is the speculative round's, as often as one follows it.
 choose_k maximises predicted tokens/s; in pipelined mode, leaving the target alone while the draft drafts
 ahead of it (cost_model.predraft_throughputs) is one more choice, handed to the loop as RequestState.ahead.
 
@@ -144,56 +145,64 @@ class LinearFit:
 
 
 class StepFilter:
-    """The target's compute per call: level + gap*[k > 0] + slope*k for k drafts, tracked by a Kalman filter.
+    """The target's compute per call: level + gap*[k > 0] + slope*k for k drafts, plus `after` for a decode step
+    right after a verify block, tracked by a Kalman filter.
 
     One level serves decode steps and verify blocks alike, and every call moves it: a target's speed
     drifts (an 8-thread CPU target verified 2 drafts in 40 ms for minutes, then in 28 ms), and a verify
     line fitted apart from decode steps heard of that only from speculative rounds, the very rounds its
     stale estimate had stopped. The gap and slope change slowly and are learnt from contrasts between calls
     close in time, out of which a drift cancels; while the target runs alone their uncertainty grows, so
-    the next probe counts for more. Samples are held within OUTLIER of the prediction (_held), and
-    an innovation within 3 standard deviations: a busy CPU's calls spike to 2-4x a step.
+    the next probe counts for more. So is `after`: on the demo pair a decode step right after a verify took
+    0.4-0.5 ms more than one after a decode step, and counted in the level it priced the target alone
+    dearest just where the tuner had drafted. Its prior is tight: where the tuner drafts steadily, the only
+    decode steps are those right after a block, and the level takes them. Samples are held within OUTLIER of
+    the prediction (_held), and an innovation within 3 standard deviations: a busy CPU's calls spike to 2-4x a
+    step.
     """
 
     def __init__(self, level_drift: float = 0.01, shape_drift: float = 0.002) -> None:
         self.level_drift, self.shape_drift = level_drift, shape_drift  # per call, relative to the level
-        self.x: list[float] = []  # level, gap, slope (seconds); empty before the first sample
+        self.x: list[float] = []  # level, gap, slope, after (seconds); empty before the first sample
         self.p: list[list[float]] = []  # their covariance
         self.noise = 0.1  # a call's compute about the prediction, relative sd (learnt)
         self.n = 0
 
     def _start(self, y: float) -> None:
-        self.x = [y, 0.0, 0.0]
-        self.p = [[y * y, 0.0, 0.0], [0.0, (0.1 * y) ** 2, 0.0], [0.0, 0.0, (0.03 * y) ** 2]]
+        self.x = [y, 0.0, 0.0, 0.0]
+        self.p = [[0.0] * 4 for _ in range(4)]
+        for i, sd in enumerate((1.0, 0.1, 0.03, 0.02)):
+            self.p[i][i] = (sd * y) ** 2
         self.n = 1
 
-    def predict(self, k: int) -> float | None:
+    def predict(self, k: int, after: bool = False) -> float | None:
         if not self.x:
             return None
-        level, gap, slope = self.x
-        return level + (gap + slope * k if k else 0.0)
+        level, gap, slope, past_block = self.x
+        return level + (gap + slope * k if k else past_block if after else 0.0)
 
-    def add(self, k: int, y: float) -> None:
-        predicted = self.predict(k)
+    def add(self, k: int, y: float, after: bool = False) -> None:
+        """A call's compute; after: a decode step (k = 0) right after a verify block."""
+        predicted = self.predict(k, after)
         if predicted is None or (held := _held(y, predicted, self.n)) is None:
             self._start(y)  # the first call, or what came before was a stall
             return
         y, predicted = held, max(predicted, 1e-9)
         x, p = self.x, self.p
         drift = max(x[0], 1e-9)
-        for i, q in enumerate((self.level_drift, self.shape_drift, self.shape_drift)):
+        for i, q in enumerate((self.level_drift, self.shape_drift, self.shape_drift, 0.25 * self.shape_drift)):
             p[i][i] += (q * drift) ** 2
-        h = (1.0, 1.0 if k else 0.0, float(k))
-        ph = [p[i][0] * h[0] + p[i][1] * h[1] + p[i][2] * h[2] for i in range(3)]
-        s = ph[0] * h[0] + ph[1] * h[1] + ph[2] * h[2] + (self.noise * predicted) ** 2
+        h = (1.0, 1.0 if k else 0.0, float(k), 1.0 if after and not k else 0.0)
+        ph = [sum(p[i][j] * h[j] for j in range(4)) for i in range(4)]
+        s = sum(ph[i] * h[i] for i in range(4)) + (self.noise * predicted) ** 2
         e = y - predicted
         rel = e / predicted
         self.noise = math.sqrt(self.noise**2 + 0.02 * (min(rel * rel, 9.0 * self.noise**2) - self.noise**2))
         bound = 3.0 * math.sqrt(s)
         e = min(max(e, -bound), bound)
-        for i in range(3):
+        for i in range(4):
             x[i] += ph[i] / s * e
-            for j in range(3):
+            for j in range(4):
                 p[i][j] -= ph[i] * ph[j] / s
         self.n += 1
 
@@ -201,7 +210,7 @@ class StepFilter:
         """(decode step, verify intercept, verify slope), or None before any call."""
         if not self.x:
             return None
-        level, gap, slope = self.x
+        level, gap, slope, _ = self.x
         return level, level + gap, slope
 
 
@@ -264,7 +273,11 @@ class Tuner:
         self.extra_spec: float | None = None  # the same, k > 0
         self.extra_ready: float | None = None  # the same, k > 0 with the block drafted ahead (pipelined)
         self.extra_ahead: float | None = None  # the same, k = 0 with a draft call ahead (pipelined)
-        self.n_alone = self.n_spec = self.n_ready = self.n_ahead = 0  # rounds behind each
+        self.extra_back: float | None = None  # the same, k = 0 right after a round that drafted: beyond k = 0's
+        self.n_alone = self.n_spec = self.n_ready = self.n_ahead = self.n_back = 0  # rounds behind each
+        self.back_share = 0.0  # of rounds that drafted, those followed by a target-only round (_mean)
+        self.n_drafted = 0
+        self._after_block = False  # the latest round drafted: the target's next call follows a verify block
         # (greedy, mode) -> [accepted, rejected] of first drafts, then of later ones
         kinds = [(g, m) for g in (True, False) for m in ("sequential", "pipelined")]
         self.global_counts = {kind: [0.0, 0.0, 0.0, 0.0] for kind in kinds}
@@ -287,6 +300,7 @@ class Tuner:
     # -- measurements ---------------------------------------------------------------------------
 
     def new_request(self, greedy: bool = True, mode: Mode = "sequential") -> RequestState:
+        self._after_block = False  # the target's next call is its prefill
         return RequestState(greedy=greedy, mode=mode)
 
     def _rtt(self, old: float | None, wall_s: float, compute_s: float) -> float:
@@ -312,7 +326,7 @@ class Tuner:
     def record_verify(self, k: int, compute_s: float, wall_s: float | None = None) -> None:
         """A target call that verified k draft tokens (k + 1 positions; k = 0: a decode step)."""
         self._costs_stale = True
-        self.target_fit.add(k, compute_s)
+        self.target_fit.add(k, compute_s, after=self._after_block)
         self._last_verify = (k, compute_s)
         if wall_s is not None:
             self.rtt_target = self._rtt(self.rtt_target, wall_s, compute_s)
@@ -362,10 +376,22 @@ class Tuner:
             if not k and not ahead:
                 self.probe_credit -= wall_s - round_time(costs, 0, mode)
             self._probe_back = False
+        # A target-only round right after one that drafted costs more than one after a target-only round (the
+        # demo pair: 0.7-1.3 ms in wall time, the target's idle spell and the block's tokens handled after it):
+        # priced against k = 0's clean rounds, that is the drafting round's to pay, as often as one follows.
+        back = not k and not ahead and self._after_block
+        if self._after_block:
+            self.n_drafted += 1
+            self.back_share = self._mean(self.back_share, float(back), self.n_drafted)
+        self._after_block = k > 0
         # The mean of the first rounds, then an EWMA: where speculation does not pay, speculative rounds are
         # a few probes, and an EWMA started at the first one held near it for dozens more (probes on an H100
         # took 6-13 ms against 1.8 ms rounds at k = 0).
-        if k and ready:
+        if back:
+            t0 = round_time(costs, 0, mode)
+            self.n_back += 1
+            self.extra_back = self._mean(self.extra_back, min(wall_s - t0, 2.0 * t0), self.n_back)
+        elif k and ready:
             self.n_ready += 1
             self.extra_ready = self._mean(self.extra_ready, extra, self.n_ready)
         elif k:
@@ -532,6 +558,7 @@ class Tuner:
             return None
         decode, intercept, slope = target
         alone = max(self.extra_alone or 0.0, 0.0)
+        back = max(self.extra_back or 0.0, 0.0) * self.back_share
         return Costs(
             rtt_draft=self.rtt_draft or 0.0,
             rtt_target=self.rtt_target or 0.0,
@@ -542,8 +569,8 @@ class Tuner:
             round_overhead=alone,
             # 0 until a speculative round was timed, so speculation gets tried. Smoothed slowly: a pipelined
             # round's time swings with its bet, and a dip would make probes look cheap.
-            spec_overhead=(self.extra_spec or 0.0) - alone,
-            ready_overhead=(self.extra_ready or 0.0) - alone,
+            spec_overhead=(self.extra_spec or 0.0) - alone + back,
+            ready_overhead=(self.extra_ready or 0.0) - alone + back,
             decode=max(decode, 1e-9),
             ahead_overhead=(self.extra_ahead or 0.0) - alone,
         )
