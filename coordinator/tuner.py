@@ -153,12 +153,12 @@ class StepFilter:
     line fitted apart from decode steps heard of that only from speculative rounds, the very rounds its
     stale estimate had stopped. The gap and slope change slowly and are learnt from contrasts between calls
     close in time, out of which a drift cancels; while the target runs alone their uncertainty grows, so
-    the next probe counts for more. So is `after`: on the demo pair a decode step right after a verify took
-    0.4-0.5 ms more than one after a decode step, and counted in the level it priced the target alone
-    dearest just where the tuner had drafted. Its prior is tight: where the tuner drafts steadily, the only
-    decode steps are those right after a block, and the level takes them. Samples are held within OUTLIER of
-    the prediction (_held), and an innovation within 3 standard deviations: a busy CPU's calls spike to 2-4x a
-    step.
+    the next probe counts for more. So is `after`: in the loop on the demo pair, decode steps right after a
+    verify block took 1-2.5 ms more than the others in a slow stretch of the machine (none on a quiet one),
+    and counted in the level they priced the target alone dearest just where the tuner had drafted. Its
+    prior is tight: where the tuner drafts steadily, the only decode steps are those right after a block, and
+    the level takes them. Samples are held within OUTLIER of the prediction (_held), and an innovation within
+    3 standard deviations: a busy CPU's calls spike to 2-4x a step.
     """
 
     def __init__(self, level_drift: float = 0.01, shape_drift: float = 0.002) -> None:
@@ -376,9 +376,9 @@ class Tuner:
             if not k and not ahead:
                 self.probe_credit -= wall_s - round_time(costs, 0, mode)
             self._probe_back = False
-        # A target-only round right after one that drafted costs more than one after a target-only round (the
-        # demo pair: 0.7-1.3 ms in wall time, the target's idle spell and the block's tokens handled after it):
-        # priced against k = 0's clean rounds, that is the drafting round's to pay, as often as one follows.
+        # A target-only round right after one that drafted may cost more than one after a target-only round (the
+        # demo pair, in the loop: 0.25-1.3 ms more in wall time, most in slow stretches of the machine): priced
+        # against k = 0's clean rounds, that is the drafting round's to pay, as often as one follows.
         back = not k and not ahead and self._after_block
         if self._after_block:
             self.n_drafted += 1

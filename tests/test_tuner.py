@@ -210,9 +210,10 @@ def test_tuner_follows_a_target_whose_speed_drifts(mode: str) -> None:
 
 @pytest.mark.slow
 def test_a_decode_step_slowed_by_the_block_before_it_is_the_blocks_to_pay() -> None:
-    """A decode step right after a verify block costs 5% more (the demo pair: 0.4-0.5 ms of 15 ms), and fixed
-    k = 1 makes 0.97x the target alone. Counted in the level, those steps priced the target alone dearest just
-    where the tuner had drafted, and it kept going back and forth: 0.968-0.989x the best fixed k here."""
+    """A decode step right after a verify block costs 5% more (the demo pair's loop: up to 1-2.5 ms of 15 ms, in
+    slow stretches of the machine), and fixed k = 1 makes 0.97x the target alone. Counted in the level, those
+    steps priced the target alone dearest just where the tuner had drafted, and it kept going back and forth:
+    0.968-0.989x the best fixed k here."""
     world = World(0.4, 0.2, 0.05, 0.002, after=0.05)
     ratios = []
     for seed in range(1, 5):
