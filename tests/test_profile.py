@@ -103,9 +103,11 @@ def test_compute_fits(report: dict) -> None:
     # The fit sits among the measured medians of the blocks it was fitted to (k >= 1), whatever a stray slow
     # call did. Checked mid-range, not at its intercept: that is extrapolated to k = 0, and over a nearly
     # flat verify a noisy k = 1 tilts the line (a fresh-clone run fitted 1.67 ms against medians of 1.24-1.65).
+    # The line is fitted to the raw calls, not to the medians, so over a flat verify it may sit a little past
+    # them (another fresh-clone run: 2.521 ms mid-range, medians up to 2.511): a quarter's room above them.
     medians = [p["compute_ms"] for p in vt["points"] if p["k"] > 0]
     mid = vt["intercept_ms"] + vt["slope_ms"] * (1 + MAX_K) / 2
-    assert 0.5 * min(medians) <= mid <= max(medians)
+    assert 0.5 * min(medians) <= mid <= 1.25 * max(medians)
 
 
 def test_fit_line_ignores_a_stray_call() -> None:
