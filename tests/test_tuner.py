@@ -532,6 +532,26 @@ def test_sequential_requests_do_not_inherit_pipelined_acceptance() -> None:
     assert tuner.alpha(fresh_piped) > 0.6
 
 
+def test_speculative_rounds_short_of_their_forecast_scale_drafting_down() -> None:
+    """Sequential rounds chosen at a forecast of 0.55 that accept 0.3 scale the kind's drafting choices down by
+    about what they fell short; rounds on forecast leave them, and pipelined rounds do not count."""
+    tuner = Tuner(max_k=4)
+    short, piped = tuner.new_request(greedy=False), tuner.new_request(greedy=False, mode="pipelined")
+    on_forecast = tuner.new_request(greedy=True)
+    rng = random.Random(0)
+    for _ in range(600):
+        for request, rate in ((short, 0.3), (piped, 0.3), (on_forecast, 0.55)):
+            tuner.record_draft(1, 0.004, 0.005)
+            tuner.record_verify(1, 0.016, 0.017)
+            n = int(rng.random() < rate)
+            tuner.record_acceptance(request, 1, n)
+            tuner.record_round_time(1, 0.022, request.mode, 0.55, 0.55, ready=False, held=n == 1)
+    # 1.3 tokens a round where 1.55 were forecast, each round as long as priced (its overhead learnt)
+    assert tuner.calibration(short) == pytest.approx(1.3 / 1.55, abs=0.05)
+    assert tuner.calibration(on_forecast) == pytest.approx(1.0, abs=0.05)
+    assert tuner.calibration(piped) == 1.0
+
+
 def test_how_far_a_request_trusts_its_own_counts_follows_how_much_requests_differ() -> None:
     """Requests that all accept alike leave a lucky start to the kind's estimate; requests that differ (text
     and code, say) each follow their own counts. Each kind learns this for itself."""
