@@ -22,6 +22,8 @@ GPU); a target-only round right after a speculative one is priced apart too, and
 target-only round is the speculative round's, as often as one follows it.
 choose_k maximises predicted tokens/s; in pipelined mode, leaving the target alone while the draft drafts
 ahead of it (cost_model.predraft_throughputs) is one more choice, handed to the loop as RequestState.ahead.
+In sequential mode every drafting choice is scaled by how the kind's speculative rounds made tokens/s against
+the forecasts they were chosen by (calibration): rounds drafted where a forecast looks best fall short of it.
 
 Two kinds of exploration keep the estimates alive. While speculating, every dither_every-th round
 drafts one token more or fewer, so the fits keep seeing more than one k, and every fourth such round is
