@@ -541,6 +541,7 @@ def test_speculative_rounds_short_of_their_forecast_scale_drafting_down() -> Non
     rng = random.Random(0)
     for _ in range(600):
         for request, rate in ((short, 0.3), (piped, 0.3), (on_forecast, 0.55)):
+            request.modelled = True  # drafted at the model's best k, as choose_k would mark it
             tuner.record_draft(1, 0.004, 0.005)
             tuner.record_verify(1, 0.016, 0.017)
             n = int(rng.random() < rate)
@@ -550,6 +551,34 @@ def test_speculative_rounds_short_of_their_forecast_scale_drafting_down() -> Non
     assert tuner.calibration(short) == pytest.approx(1.3 / 1.55, abs=0.05)
     assert tuner.calibration(on_forecast) == pytest.approx(1.0, abs=0.05)
     assert tuner.calibration(piped) == 1.0
+
+
+@pytest.mark.parametrize("burst_lasts", [False, True])
+def test_rounds_drafted_in_a_passing_burst_are_scored_against_the_target_after_it(burst_lasts: bool) -> None:
+    """A speculative round chosen while the target's level is up (a burst of slow calls) is scored against
+    the target alone as it runs some calls later: where the burst passes, drafting gained less than the
+    choice was priced at; where it lasts, as much."""
+    tuner = Tuner(max_k=4)
+    request = tuner.new_request()
+    for i in range(3000):
+        slow = i % 16 < 6 or burst_lasts
+        if i % 16 == 5:  # a speculative round at the burst's end, on forecast otherwise
+            request.modelled = True
+            tuner.record_draft(1, 0.004, 0.005)
+            tuner.record_verify(1, 0.024, 0.025)
+            n = i % 32 < 16
+            tuner.record_acceptance(request, 1, int(n))
+            tuner.record_round_time(1, 0.030, "sequential", 0.5, 0.5, ready=False, held=n)
+        else:
+            request.modelled = False
+            tuner.record_verify(0, 0.020 if slow else 0.016, 0.021 if slow else 0.017)
+            tuner.record_acceptance(request, 0, 0)
+            tuner.record_round_time(0, 0.021 if slow else 0.017, "sequential", ready=False)
+    factor = tuner.calibration(request)
+    if burst_lasts:
+        assert factor == pytest.approx(1.0, abs=0.02)
+    else:
+        assert factor < 0.97  # 0.959 here, against 1.001 where the burst lasts
 
 
 def test_how_far_a_request_trusts_its_own_counts_follows_how_much_requests_differ() -> None:
