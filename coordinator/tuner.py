@@ -22,8 +22,9 @@ GPU); a target-only round right after a speculative one is priced apart too, and
 target-only round is the speculative round's, as often as one follows it.
 choose_k maximises predicted tokens/s; in pipelined mode, leaving the target alone while the draft drafts
 ahead of it (cost_model.predraft_throughputs) is one more choice, handed to the loop as RequestState.ahead.
-In sequential mode every drafting choice is scaled by how the kind's speculative rounds made tokens/s against
-the forecasts they were chosen by (calibration): rounds drafted where a forecast looks best fall short of it.
+In sequential mode every drafting choice is scaled by how the kind's rounds drafted at the model's best k gained
+on the target alone against the gains they were chosen for (calibration): rounds drafted where a forecast looks
+best fall short of it.
 
 Two kinds of exploration keep the estimates alive. While speculating, every dither_every-th round
 drafts one token more or fewer, so the fits keep seeing more than one k, and every fourth such round is
@@ -387,7 +388,7 @@ class Tuner:
             bare = replace(bare, decode=y) if k == 0 else replace(bare, verify_intercept=y - bare.verify_slope * k)
         self._last_verify = None
         base = round_time(bare, k, mode, a, b) if ready is None else round_as_run(bare, k, ahead, ready, float(held))
-        if k and mode == "sequential" and self._last_accepted is not None and costs.decode > 1e-9:
+        if k and mode == "sequential" and self._last_accepted is not None:
             # Scored once CALIBRATION_LAG more target calls have come (_score_outcomes).
             kind, n = self._last_accepted
             expected, predicted = expected_tokens(a, k, b), round_time(costs, k, mode, a, b)
