@@ -173,7 +173,7 @@ def goals(rows: list[Row]) -> list[str]:
     for t in sorted({r.temperature for r in rows}):
         at = [r for r in rows if r.temperature == t]
         alone = next((r for r in at if r.mode == "target-only"), None)
-        best_mode: dict[str, float] = {}
+        autos: dict[str, Row] = {}
         for mode in ("sequential", "pipelined"):
             fixed = [r for r in at if r.mode == mode and r.k != "auto"]
             auto = next((r for r in at if r.mode == mode and r.k == "auto"), None)
@@ -188,11 +188,14 @@ def goals(rows: list[Row]) -> list[str]:
                 lines.append(f"T={t:.1f} {mode}: auto = {r:.2f}x the target alone (90% interval {lo:.2f}-{hi:.2f}) "
                              f"[goal >= 0.97: {'met' if r >= 0.97 else 'MISSED'}]")  # fmt: skip
             if auto:
-                best_mode[mode] = auto.tps
-        if len(best_mode) == 2:
-            verdict = "met" if best_mode["pipelined"] >= best_mode["sequential"] else "MISSED"
-            lines.append(f"T={t:.1f}: pipelined auto {best_mode['pipelined']:.2f} vs sequential auto "
-                         f"{best_mode['sequential']:.2f} [goal pipelined >= sequential: {verdict}]")  # fmt: skip
+                autos[mode] = auto
+        if len(autos) == 2:
+            pip, seq = autos["pipelined"], autos["sequential"]
+            lo, hi = interval(pip, seq)
+            verdict = "met" if pip.tps >= seq.tps else "MISSED"
+            lines.append(f"T={t:.1f}: pipelined auto {pip.tps:.2f} vs sequential auto {seq.tps:.2f} tok/s = "
+                         f"{pip.tps / seq.tps:.3f}x (90% interval {lo:.2f}-{hi:.2f}) "
+                         f"[goal pipelined >= sequential: {verdict}]")  # fmt: skip
     return lines
 
 
