@@ -31,6 +31,7 @@ from tandem.wire import auth
 from tandem.wire.client import connect, parse_url
 from tandem.wire.errors import Code, NodeError
 from tandem.wire.gen import tandem_pb2 as pb
+from tandem.wire.service import Worker
 from target_node.service import TargetService
 from tests.wire_helpers import TINY_VOCAB, NodeThread, running, tiny_engine, write_tiny_llama
 
@@ -381,6 +382,40 @@ def test_cli_refuses_to_listen_beyond_loopback_without_a_token(tmp_path: Path) -
     assert res.returncode == 2 and "--insecure" in res.stderr
     res = subprocess.run([*cmd, "--insecure"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "absent.gguf: no such file" in res.stderr  # past the auth check
+
+
+def test_cli_refuses_a_bad_poll(tmp_path: Path) -> None:
+    model = tmp_path / "absent.gguf"
+    for bad in ("-1", "1001", "nan"):
+        cmd = [sys.executable, "-m", "draft_node.cli", "--model", str(model), "--poll-ms", bad]
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and "--poll-ms must be in [0, 1000" in res.stderr, res.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the thread's CPU time from /proc")
+def test_worker_polls_for_its_next_item_then_sleeps(models: tuple[Engine, Engine]) -> None:
+    worker = Worker("poll-test", poll_s=0.3)
+    try:
+        assert worker.submit(lambda: 1).result(timeout=5) == 1
+        stat = Path(f"/proc/self/task/{worker._thread.native_id}/schedstat")
+
+        def cpu_s() -> float:
+            return int(stat.read_text().split()[0]) / 1e9
+
+        c0 = cpu_s()
+        time.sleep(0.15)
+        assert cpu_s() - c0 > 0.01  # polling (a sleeping thread takes ~0)
+        assert worker.submit(lambda: 2).result(timeout=5) == 2  # taken while it polls
+        time.sleep(0.5)  # past the poll that followed it
+        c1 = cpu_s()
+        time.sleep(0.2)
+        assert cpu_s() - c1 < 0.005  # asleep
+        assert worker.submit(lambda: 3).result(timeout=5) == 3  # and woken by the next item
+    finally:
+        worker.shutdown()
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="poll_s"):
+            TargetService(models[0], poll_s=bad)
 
 
 def test_auth_rules() -> None:

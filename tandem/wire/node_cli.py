@@ -24,6 +24,8 @@ log = logging.getLogger("tandem.node")
 
 DEFAULT_MAX_K = 64  # tandem.wire.service.DEFAULT_MAX_K; not imported, so --help and bad options skip torch
 AUTO_HEAD_ROWS = 16384  # a CPU draft's head rows under --head-rows auto
+DEFAULT_POLL_MS = 20.0
+MAX_POLL_MS = 1000.0
 
 
 def build_parser(role: str, default_port: int) -> argparse.ArgumentParser:
@@ -71,6 +73,13 @@ def build_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=8, help="sessions kept; the least recently used is evicted")
     p.add_argument("--max-context", type=int, default=None, help="tokens per session (default: the model's)")
     p.add_argument("--max-k", type=int, default=DEFAULT_MAX_K, help="most draft tokens per request")
+    p.add_argument(
+        "--poll-ms",
+        type=float,
+        default=DEFAULT_POLL_MS,
+        help="after each request, poll this long for the next before sleeping (0: sleep at once). A node idles "
+        "while the other computes, and a CPU that went idle runs the next forward slower",
+    )
     p.add_argument("--auth-token-file", default=None, help=f"shared token (else ${auth.ENV_VAR})")
     p.add_argument("--tls-cert", default=None, help="PEM certificate (gRPC only)")
     p.add_argument("--tls-key", default=None, help="PEM private key (gRPC only)")
@@ -120,6 +129,8 @@ def main(role: str, default_port: int, service_class: str, argv: Sequence[str] |
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if not 0 <= args.poll_ms <= MAX_POLL_MS:
+            raise ValueError(f"--poll-ms must be in [0, {MAX_POLL_MS}], got {args.poll_ms}")
         if args.n_cpu_moe is not None and args.n_cpu_moe < 0:
             raise ValueError(f"--n-cpu-moe must be >= 0, got {args.n_cpu_moe}")
         if not Path(args.model).is_file():
@@ -155,7 +166,13 @@ def main(role: str, default_port: int, service_class: str, argv: Sequence[str] |
             override_tensor=rules,
             head_rows=rows,
         )
-        service = make_service(engine, max_sessions=args.max_sessions, max_context=args.max_context, max_k=args.max_k)
+        service = make_service(
+            engine,
+            max_sessions=args.max_sessions,
+            max_context=args.max_context,
+            max_k=args.max_k,
+            poll_s=args.poll_ms / 1e3,
+        )
     except (OSError, ValueError) as exc:
         log.error("cannot load %s: %s", args.model, exc)
         return 1

@@ -62,9 +62,15 @@ class Worker:
     """The engine's one thread: runs model work in order. A bare queue hands off ~15 µs faster than
     a ThreadPoolExecutor, and every round pays the hop twice. Results go back through an eventfd that
     the worker writes with the GIL released, so the woken loop finds the GIL free; call_soon_threadsafe
-    wakes it while the worker still holds the GIL, and it waits for a second wake-up (~10 µs a round)."""
+    wakes it while the worker still holds the GIL, and it waits for a second wake-up (~10 µs a round).
 
-    def __init__(self, name: str) -> None:
+    poll_s: after each item, how long the thread polls for the next before it sleeps (as llama.cpp's
+    --poll). In speculation each node idles while the other computes, a few ms a round, and a CPU that
+    went idle came back slow: on a 2-core VM, SmolLM2's decode step took 16.9-17.6 ms on average with
+    5 ms sleeps between steps against 13.7-14.3 back to back, or with those 5 ms spent polling."""
+
+    def __init__(self, name: str, poll_s: float = 0.0) -> None:
+        self.poll_s = poll_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._results: deque = deque()  # (future, result, exc) for the home loop
         self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if hasattr(os, "eventfd") else None
@@ -72,8 +78,20 @@ class Worker:
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
+    def _next(self) -> Any:
+        """The next item; polling for up to poll_s first, yielding the CPU (and the GIL) between looks, so
+        the event loop that queues it runs at once."""
+        if self.poll_s > 0:
+            deadline = time.perf_counter() + self.poll_s
+            while time.perf_counter() < deadline:
+                try:
+                    return self._queue.get_nowait()
+                except queue.Empty:
+                    os.sched_yield()
+        return self._queue.get()
+
     def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while (item := self._next()) is not None:
             fn, args, done = item
             try:
                 result, exc = fn(*args), None
@@ -177,6 +195,7 @@ class NodeService:
         max_context: int | None = None,
         max_k: int = DEFAULT_MAX_K,
         default_draft_top_k: int = DEFAULT_DRAFT_TOP_K,
+        poll_s: float = 0.0,
     ) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
@@ -184,6 +203,8 @@ class NodeService:
             raise ValueError(f"max_context must be >= 2, got {max_context}")
         if max_k < 1:
             raise ValueError(f"max_k must be >= 1, got {max_k}")
+        if not 0 <= poll_s < float("inf"):
+            raise ValueError(f"poll_s must be finite and >= 0, got {poll_s}")
         self.engine = engine
         self.vocab = engine.config.vocab_size
         self.max_context = min(max_context or engine.config.context_length, engine.config.context_length)
@@ -191,7 +212,7 @@ class NodeService:
         self.max_k = max_k
         self.default_draft_top_k = default_draft_top_k
         self.sessions: OrderedDict[str, Session] = OrderedDict()
-        self.worker = Worker(f"{self.role}-forward")
+        self.worker = Worker(f"{self.role}-forward", poll_s)
         self.draining = False
         self.inflight = 0
         self._idle: asyncio.Event | None = None
