@@ -66,8 +66,9 @@ class Worker:
 
     poll_s: after each item, how long the thread polls for the next before it sleeps (as llama.cpp's
     --poll). In speculation each node idles while the other computes, a few ms a round, and a CPU that
-    went idle came back slow: on a 2-core VM, SmolLM2's decode step took 16.9-17.6 ms on average with
-    5 ms sleeps between steps against 13.7-14.3 back to back, or with those 5 ms spent polling."""
+    went idle came back slow, at times: on a 2-core VM, SmolLM2's decode step took 16.9-17.6 ms on average
+    with 5 ms sleeps between steps, against 14.0-14.3 back to back and 13.7-14.9 with those 5 ms spent
+    polling (two of three cycles of 35 s each; in the third all three took 13.9-14.3)."""
 
     def __init__(self, name: str, poll_s: float = 0.0) -> None:
         self.poll_s = poll_s
