@@ -115,8 +115,9 @@ async def run_configs(
     repeats: int = 1,
 ) -> list[Row]:
     """Each prompt under every configuration in turn: the machine's speed drifts, and a drift must not
-    land on one configuration's rows (each would otherwise run all its prompts back to back). The order
-    rotates from prompt to prompt, so that no configuration always runs first. Tuned rows go through a
+    land on one configuration's rows (each would otherwise run all its prompts back to back). The order is
+    shuffled from prompt to prompt (seeded), so that no configuration always runs first or after the same
+    one: in a fixed rotation sequential auto always ran right after sequential k = 8. Tuned rows go through a
     coordinator of their own per mode, whose tuner learns only from its own choices, as in service, where a
     coordinator runs one mode: rounds forced to a fixed k (pipelined ones overlapping on a shared GPU, say),
     or the other mode's (a target slowed by the draft drafting ahead beside it on one machine), would teach
@@ -124,16 +125,15 @@ async def run_configs(
     alone through a coordinator shared with pipelined requests against 0.988x through its own, in one run.
     With repeats, the whole set runs again and each row sums over all of them."""
     rows = [Row(t, "target-only" if k == 0 else mode, "auto" if k is None else str(k)) for mode, k in configs]
-    turn = 0
+    order = random.Random(f"e2e {t}")
     for _ in range(repeats):
         for i, ids in enumerate(prompts):
             sp = SamplingParams(temperature=t, seed=1234 + i if t > 0 else None)
-            for j in range(len(configs)):
-                row, (mode, k) = rows[(turn + j) % len(rows)], configs[(turn + j) % len(rows)]
+            for j in order.sample(range(len(configs)), len(configs)):
+                (mode, k), row = configs[j], rows[j]
                 coord = tuned[mode] if k is None else fixed
                 res = await coord.run(Request(ids, max_tokens, sp, k=k, mode=mode))  # type: ignore[arg-type]
                 row.add(res.stats, res.tokens)
-            turn += 1
     return rows
 
 
