@@ -4,7 +4,8 @@ On a tiny model (vocab 48), each setting draws DRAWS rounds from a fixed context
 and half over ZeroMQ, with two draft tokens per round. The first emitted token must follow the
 target's sampler p(. | ctx) and, when a round emits a second token, that one must follow
 p(. | ctx, first): both checked with chi-square tests (p > 0.001). Drafts range from the target's
-own distribution to a much worse one; one setting drafts with a real draft node.
+own distribution to a much worse one; one setting drafts with a real draft node, over NODE_DRAWS rounds
+(each costs it two calls).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tests.wire_helpers import TINY_VOCAB, running, tiny_engine, write_tiny_llam
 pytestmark = pytest.mark.slow
 
 DRAWS = 20_000
+NODE_DRAWS = 10_000
 CONCURRENCY = 8  # sessions in flight per transport, so round trips overlap the node's compute
 CTX = [3, 8, 15]
 ALPHA = 1e-3
@@ -144,25 +146,30 @@ def check(engine: Engine, params: SamplingParams, rounds: Rounds) -> None:
 
 
 def run_both_transports(
-    target_engine: Engine, draft_engine: Engine | None, propose: Propose, params: SamplingParams, seed: int
+    target_engine: Engine,
+    draft_engine: Engine | None,
+    propose: Propose,
+    params: SamplingParams,
+    seed: int,
+    draws: int = DRAWS,
 ) -> Rounds:
     rounds: Rounds = []
     for i, transport in enumerate(("grpc", "zmq")):
         with running(TargetService(target_engine, max_sessions=64), transport) as tn:
             if draft_engine is None:
-                t = asyncio.run(_collect(tn.url, None, propose, params, seed + i))
+                t = asyncio.run(_collect(tn.url, None, propose, params, seed + i, draws // 2))
             else:
                 with running(DraftService(draft_engine, max_sessions=64), transport) as dn:
-                    t = asyncio.run(_collect(tn.url, dn.url, propose, params, seed + i))
+                    t = asyncio.run(_collect(tn.url, dn.url, propose, params, seed + i, draws // 2))
         rounds += t
     return rounds
 
 
-async def _collect(turl: str, durl: str | None, propose: Propose, params: SamplingParams, seed: int) -> Rounds:
+async def _collect(turl: str, durl: str | None, propose: Propose, params: SamplingParams, seed: int, n: int) -> Rounds:
     target = await connect(turl)
     draft = await connect(durl) if durl else None
     try:
-        return await draw_rounds(target, draft, propose, params, DRAWS // 2, seed)
+        return await draw_rounds(target, draft, propose, params, n, seed)
     finally:
         await target.aclose()
         if draft is not None:
@@ -204,8 +211,8 @@ def test_sampled_speculation_with_a_draft_node_is_exact(engines: tuple[Engine, E
     """A different model drafting hot (temperature 1.6, top-6) for a cooler, top-k- and top-p-cut target."""
     target, draft = engines
     params = SamplingParams(temperature=0.8, top_k=12, top_p=0.9)
-    rounds = run_both_transports(target, draft, node_draft(1.6, 6), params, seed=7)
-    assert len(rounds) == DRAWS
+    rounds = run_both_transports(target, draft, node_draft(1.6, 6), params, seed=7, draws=NODE_DRAWS)
+    assert len(rounds) == NODE_DRAWS
     check(target, params, rounds)
 
 
