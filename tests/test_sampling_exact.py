@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -155,13 +156,13 @@ def run_both_transports(
 ) -> Rounds:
     rounds: Rounds = []
     for i, transport in enumerate(("grpc", "zmq")):
-        with running(TargetService(target_engine, max_sessions=64), transport) as tn:
-            if draft_engine is None:
-                t = asyncio.run(_collect(tn.url, None, propose, params, seed + i, draws // 2))
-            else:
-                with running(DraftService(draft_engine, max_sessions=64), transport) as dn:
-                    t = asyncio.run(_collect(tn.url, dn.url, propose, params, seed + i, draws // 2))
-        rounds += t
+        with (
+            running(TargetService(target_engine, max_sessions=64), transport) as tn,
+            running(DraftService(draft_engine, max_sessions=64), transport)
+            if draft_engine is not None
+            else nullcontext() as dn,
+        ):
+            rounds += asyncio.run(_collect(tn.url, dn and dn.url, propose, params, seed + i, draws // 2))
     return rounds
 
 
